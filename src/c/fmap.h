@@ -1,0 +1,152 @@
+/* fmap platform layer: the one neutral header.
+ *
+ * Plain C, no Python.h.  Every function returns FMAP_OK (0) or a negative
+ * fmap status, and on failure fills an fmap_err with the status, the errno
+ * captured at the failing call and the name of that call, so the Cython core
+ * can turn it into one exception in one place.  One .c file per OS implements
+ * it; the build picks the file.
+ */
+#ifndef FMAP_H
+#define FMAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum fmap_status {
+    FMAP_OK = 0,
+    FMAP_ESYS = -1,         /* a system call failed: err.sys holds errno */
+    FMAP_ENOTFOUND = -2,    /* no live object of that name */
+    FMAP_EEXIST = -3,       /* the name exists and exclusive was asked */
+    FMAP_EWRONGTYPE = -4,   /* the name is held by an object of another type */
+    FMAP_EACCESS = -5,      /* the object exists but cannot be reached by us */
+    FMAP_EFULL = -6,        /* the registry has no free entry or holder record */
+    FMAP_ECORRUPT = -7,     /* the registry file is not one this version reads */
+    FMAP_EUNSAFE = -8,      /* the runtime directory has a wrong owner, mode or type */
+    FMAP_ETIMEOUT = -9,     /* the registry lock was not free within its bound */
+    FMAP_EADDRINUSE = -10,  /* map at a fixed address: the range is in use */
+    FMAP_EGONE = -11        /* a handle passed between processes no longer exists */
+};
+
+typedef struct {
+    int status;             /* enum fmap_status */
+    int sys;                /* errno at the failing call, 0 if none */
+    const char *call;       /* the call or check that failed, for messages */
+} fmap_err;
+
+/* Object types share one namespace (DESIGN.md: one namespace). */
+enum fmap_type {
+    FMAP_T_MAPPING = 1,
+    FMAP_T_MUTEX = 2,
+    FMAP_T_SEMAPHORE = 3,
+    FMAP_T_EVENT = 4,
+    FMAP_T_CHANNEL = 5
+};
+
+/* One vocabulary for protection and access. */
+enum fmap_access {
+    FMAP_A_READ = 1,        /* PAGE_READONLY / FILE_MAP_READ */
+    FMAP_A_WRITE = 2,       /* PAGE_READWRITE / FILE_MAP_WRITE */
+    FMAP_A_COPY = 3         /* PAGE_WRITECOPY / FILE_MAP_COPY */
+};
+
+#define FMAP_F_FILE 1u      /* object flag: backed by a regular file */
+
+/* Longest registry key: one namespace byte and up to 255 bytes of UTF-8. */
+#define FMAP_KEY_MAX 256
+
+typedef struct {
+    uint32_t type;
+    uint32_t protect;       /* the object's protection (enum fmap_access) */
+    uint32_t flags;         /* FMAP_F_* */
+    uint64_t size;          /* exact size, never page-rounded */
+    uint64_t dev, ino;      /* identity of the backing inode */
+} fmap_objinfo;
+
+/* What create makes when the name is free. */
+typedef struct {
+    int fd;                 /* >= 0: register this fd (file backed); < 0: make a memfd */
+    uint32_t flags;         /* FMAP_F_* of the new object */
+    uint64_t size;
+    uint32_t protect;
+    int populate;           /* allocate the memory now */
+    const char *label;      /* memfd label, for /proc/<pid>/maps */
+} fmap_newobj;
+
+typedef struct fmap_reg fmap_reg;
+
+/* A holder record this process owns in a registry.  Lives in the handle object. */
+typedef struct {
+    fmap_reg *reg;
+    uint32_t entry;         /* entry index */
+    uint32_t slot;          /* holder record index */
+    uint32_t pending;       /* fork-pending record index + 1, 0 = none */
+    uint64_t gen;           /* generation of the entry: which incarnation of the name */
+    int fd;                 /* the fd the record names */
+} fmap_hold;
+
+/* ---- process --------------------------------------------------------- */
+size_t fmap_page_size(void);
+int fmap_getpid(void);                    /* cached; reset in a forked child */
+
+/* ---- objects and views ----------------------------------------------- */
+int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e);
+/* Check a file fd against protect, grow it to *size if asked (0 = the file's
+   size, returned in *size). */
+int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e);
+/* Open a path for a file-backed mapping: read-write for protect "rw" (creating
+   a missing file), read-only otherwise. */
+int fmap_file_open(const char *path, uint32_t protect, int create, int *fd, int *created, fmap_err *e);
+int fmap_fd_info(int fd, fmap_objinfo *info, fmap_err *e);
+int fmap_fd_access(int fd, int *writable, fmap_err *e);
+int fmap_dup(int fd, int *out, fmap_err *e);
+void fmap_close_fd(int fd);
+/* Reach another process's fd through /proc and check that it is the object
+   (dev, ino); used to pass unnamed objects between processes. */
+int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *out, fmap_err *e);
+
+int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
+                  int populate, void *fixed, void **out, fmap_err *e);
+/* Replace a view with a private zero-filled placeholder of the same size, so
+   stale pointers read zeros and write nowhere (DESIGN.md: views). */
+int fmap_view_retire(void *addr, size_t length, fmap_err *e);
+int fmap_view_unmap(void *addr, size_t length, fmap_err *e);
+int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e);
+
+/* ---- the registry of names ------------------------------------------- */
+/* Attach (creating if needed) the registry in dir; one per dir per process. */
+int fmap_reg_attach(const char *dir, int create_dir, fmap_reg **out, fmap_err *e);
+
+/* Create-or-open, atomic per name.  When a live object of that name exists,
+   open it through one of its holders (writable when asked and the object
+   allows it), register the caller, *created = 0; else make spec's object
+   (memfd or the given fd), register it, *created = 1.  exclusive turns the
+   first case into FMAP_EEXIST.  *fd receives the caller's fd (spec->fd itself
+   when created from a file). */
+int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                    const fmap_newobj *spec, int exclusive, int writable,
+                    int *fd, fmap_objinfo *info, fmap_hold *hold, int *created,
+                    fmap_err *e);
+int fmap_reg_open(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                  int writable, int *fd, fmap_objinfo *info, fmap_hold *hold,
+                  fmap_err *e);
+/* Register the caller as a holder of an object it already has an fd for
+   (reached by fmap_reach), if the name still names that object. */
+int fmap_reg_adopt(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                   int fd, const fmap_objinfo *info, fmap_hold *hold, fmap_err *e);
+/* Remove the caller's holder record; the name goes with the last one.  Waits
+   (bounded) for children forked with this hold to claim their records. */
+int fmap_reg_release(fmap_hold *hold, fmap_err *e);
+
+/* fork(): before, add a pending record for the child; in the child, claim it. */
+int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e);
+void fmap_reg_fork_parent(fmap_hold *hold);
+int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e);
+
+/* Diagnostics: visit every live name (dead holders pruned first). */
+typedef int (*fmap_reg_visit)(void *ctx, const char *key, size_t keylen,
+                              const fmap_objinfo *info, uint32_t nholders);
+int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e);
+/* Test support: counts of live entries and holder records. */
+int fmap_reg_counts(fmap_reg *r, uint32_t *entries, uint32_t *holders, fmap_err *e);
+
+#endif

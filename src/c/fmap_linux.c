@@ -1,0 +1,1199 @@
+/* fmap platform layer for Linux.
+ *
+ * Memory is a memfd: the kernel frees it when the last fd and the last mapping
+ * are gone, in every process, crash or not.  Linux has no kernel object that is
+ * named *and* freed at the last close, so names live in a per-user registry: one
+ * shared file in a 0700 directory, mapped by every process of the user, holding
+ *
+ *   - a hash index of names (derived),
+ *   - entries: name, type, protection, size, the identity (dev, ino) of the
+ *     object's inode, and the head of its holder chain (derived),
+ *   - holder records: (pid, start time, fd) of every process holding a handle.
+ *
+ * One robust, process-shared mutex guards it.  A process killed while holding
+ * it makes the next locker rebuild everything derived from the entries and
+ * holder records, whose `state` words are always written last.  Opening a name
+ * opens /proc/<pid>/fd/<fd> of a live holder and checks the inode, pruning dead
+ * holders on the way; a name with no live holder is free.  So create and open
+ * cost a few memory operations plus the object's own system calls.
+ */
+#define _GNU_SOURCE
+#include "fmap.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS 1033
+#define F_SEAL_SEAL 0x0001
+#define F_SEAL_SHRINK 0x0002
+#define F_SEAL_GROW 0x0004
+#endif
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+
+/* ---- errors ---------------------------------------------------------- */
+
+static int fail(fmap_err *e, int status, int sys, const char *call)
+{
+    e->status = status;
+    e->sys = sys;
+    e->call = call;
+    return status;
+}
+
+static int sys_fail(fmap_err *e, const char *call)
+{
+    return fail(e, FMAP_ESYS, errno, call);
+}
+
+/* ---- process ----------------------------------------------------------- */
+
+static volatile int g_pid;           /* cached getpid(); 0 = unknown */
+static volatile uint64_t g_start;    /* our start time in clock ticks; 0 = unknown */
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void after_fork_child(void)
+{
+    g_pid = 0;
+    g_start = 0;
+}
+
+static void process_init(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_child);
+}
+
+size_t fmap_page_size(void)
+{
+    static size_t page;
+    if (!page)
+        page = (size_t)sysconf(_SC_PAGESIZE);
+    return page;
+}
+
+int fmap_getpid(void)
+{
+    int pid = g_pid;
+    if (!pid) {
+        pthread_once(&g_once, process_init);
+        pid = (int)getpid();
+        g_pid = pid;
+    }
+    return pid;
+}
+
+/* Field 22 of /proc/self/stat: recorded with each holder for diagnostics. */
+static uint64_t start_time(void)
+{
+    uint64_t st = g_start;
+    if (st)
+        return st;
+    char buf[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return 0;
+    /* after ") " come fields 3..; the start time is field 22 */
+    int field = 2;
+    for (p++; *p && field < 22; p++)
+        if (*p == ' ')
+            field++;
+    st = strtoull(p, NULL, 10);
+    g_start = st;
+    return st;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- objects ----------------------------------------------------------- */
+
+void fmap_close_fd(int fd)
+{
+    if (fd >= 0)
+        close(fd);
+}
+
+int fmap_memfd_new(const fmap_newobj *spec, int *out, fmap_err *e)
+{
+    int fd = (int)syscall(SYS_memfd_create, spec->label ? spec->label : "fmap",
+                          MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return sys_fail(e, "memfd_create");
+    if (ftruncate(fd, (off_t)spec->size) != 0) {
+        sys_fail(e, "ftruncate");
+        close(fd);
+        return e->status;
+    }
+    if (spec->populate && fallocate(fd, 0, 0, (off_t)spec->size) != 0) {
+        sys_fail(e, "fallocate");
+        close(fd);
+        return e->status;
+    }
+    /* Fixed size: nobody, not even a same-user process reaching the fd through
+       /proc, can shrink the memory under another process's view (SIGBUS). */
+    int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+    if (spec->protect != FMAP_A_WRITE) {
+        /* PAGE_READONLY / PAGE_WRITECOPY: the shared object is never written. */
+        if (fcntl(fd, F_ADD_SEALS, seals | F_SEAL_FUTURE_WRITE) == 0) {
+            *out = fd;
+            return FMAP_OK;
+        }
+        if (errno != EINVAL) {   /* EINVAL: a kernel before 5.1 */
+            sys_fail(e, "fcntl(F_ADD_SEALS)");
+            close(fd);
+            return e->status;
+        }
+    }
+    if (fcntl(fd, F_ADD_SEALS, seals) != 0) {
+        sys_fail(e, "fcntl(F_ADD_SEALS)");
+        close(fd);
+        return e->status;
+    }
+    *out = fd;
+    return FMAP_OK;
+}
+
+int fmap_file_open(const char *path, uint32_t protect, int create, int *out,
+                   int *created, fmap_err *e)
+{
+    int flags = (protect == FMAP_A_WRITE ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+    *created = 0;
+    int fd = open(path, flags);
+    if (fd < 0 && errno == ENOENT && create && protect == FMAP_A_WRITE) {
+        fd = open(path, flags | O_CREAT | O_EXCL, 0666);
+        if (fd >= 0)
+            *created = 1;
+        else if (errno == EEXIST)   /* lost a race with another creator */
+            fd = open(path, flags);
+    }
+    if (fd < 0)
+        return sys_fail(e, "open");
+    *out = fd;
+    return FMAP_OK;
+}
+
+int fmap_fd_access(int fd, int *writable, fmap_err *e)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return sys_fail(e, "fcntl(F_GETFL)");
+    if ((fl & O_ACCMODE) == O_WRONLY)
+        return fail(e, FMAP_ESYS, EACCES, "file opened write-only");
+    *writable = (fl & O_ACCMODE) == O_RDWR;
+    return FMAP_OK;
+}
+
+int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e)
+{
+    struct stat st;
+    int writable;
+    if (fstat(fd, &st) != 0)
+        return sys_fail(e, "fstat");
+    if (!S_ISREG(st.st_mode))
+        return fail(e, FMAP_ESYS, EINVAL, "not a regular file");
+    if (fmap_fd_access(fd, &writable, e) != FMAP_OK)
+        return e->status;
+    if (protect == FMAP_A_WRITE && !writable)
+        return fail(e, FMAP_ESYS, EACCES, "file opened read-only");
+    if (*size == 0) {
+        if (st.st_size == 0)
+            return fail(e, FMAP_ESYS, EINVAL, "empty file");
+        *size = (uint64_t)st.st_size;
+        return FMAP_OK;
+    }
+    if (*size > (uint64_t)st.st_size) {
+        /* Windows grows the file only for a read-write section. */
+        if (protect != FMAP_A_WRITE)
+            return fail(e, FMAP_ESYS, EACCES, "file smaller than size");
+        if (ftruncate(fd, (off_t)*size) != 0)
+            return sys_fail(e, "ftruncate");
+    }
+    return FMAP_OK;
+}
+
+int fmap_fd_info(int fd, fmap_objinfo *info, fmap_err *e)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return sys_fail(e, "fstat");
+    info->dev = (uint64_t)st.st_dev;
+    info->ino = (uint64_t)st.st_ino;
+    info->size = (uint64_t)st.st_size;
+    return FMAP_OK;
+}
+
+int fmap_dup(int fd, int *out, fmap_err *e)
+{
+    int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (d < 0)
+        return sys_fail(e, "dup");
+    *out = d;
+    return FMAP_OK;
+}
+
+static void proc_fd_path(char *buf, size_t n, int pid, int fd)
+{
+    snprintf(buf, n, "/proc/%d/fd/%d", pid, fd);
+}
+
+int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *out,
+               fmap_err *e)
+{
+    char path[64];
+    struct stat st;
+    proc_fd_path(path, sizeof path, pid, fd);
+    int f = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    if (f < 0) {
+        if (errno == ENOENT || errno == ESRCH)
+            return fail(e, FMAP_EGONE, errno, "open /proc/<pid>/fd");
+        return sys_fail(e, "open /proc/<pid>/fd");
+    }
+    if (fstat(f, &st) != 0 || (uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
+        close(f);
+        return fail(e, FMAP_EGONE, 0, "inode check");
+    }
+    *out = f;
+    return FMAP_OK;
+}
+
+/* ---- views ------------------------------------------------------------- */
+
+int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
+                  int populate, void *fixed, void **out, fmap_err *e)
+{
+    int prot = access == FMAP_A_READ ? PROT_READ : PROT_READ | PROT_WRITE;
+    int flags = access == FMAP_A_COPY ? MAP_PRIVATE : MAP_SHARED;
+    if (populate)
+        flags |= MAP_POPULATE;
+    if (fixed)
+        flags |= MAP_FIXED_NOREPLACE;
+    void *p = mmap(fixed, length, prot, flags, fd, (off_t)offset);
+    if (p == MAP_FAILED) {
+        if (fixed && errno == EEXIST)
+            return fail(e, FMAP_EADDRINUSE, EEXIST, "mmap");
+        return sys_fail(e, "mmap");
+    }
+    if (fixed && p != fixed) {   /* a kernel before 4.17 took the address as a hint */
+        munmap(p, length);
+        return fail(e, FMAP_EADDRINUSE, EEXIST, "mmap");
+    }
+    *out = p;
+    return FMAP_OK;
+}
+
+int fmap_view_retire(void *addr, size_t length, fmap_err *e)
+{
+    /* MAP_FIXED replaces the shared pages atomically: no instant where the
+       range is unmapped and another mapping could take the address. */
+    void *p = mmap(addr, length, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return sys_fail(e, "mmap placeholder");
+    return FMAP_OK;
+}
+
+int fmap_view_unmap(void *addr, size_t length, fmap_err *e)
+{
+    if (munmap(addr, length) != 0)
+        return sys_fail(e, "munmap");
+    return FMAP_OK;
+}
+
+int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e)
+{
+    size_t page = fmap_page_size();
+    uintptr_t a = (uintptr_t)addr;
+    uintptr_t start = a & ~(uintptr_t)(page - 1);
+    /* MS_SYNC on a shared file mapping ends in vfs_fsync_range(datasync):
+       the pages are on the device when it returns. */
+    if (msync((void *)start, length + (a - start), wait ? MS_SYNC : MS_ASYNC) != 0)
+        return sys_fail(e, "msync");
+    return FMAP_OK;
+}
+
+/* ---- the registry: layout ------------------------------------------------ */
+
+#define REG_MAGIC "FMAPREG\x01"
+#define REG_VERSION 1u
+#define REG_FILE "registry.v1"
+#define REG_NENTRIES 16384u
+#define REG_NINDEX 32768u            /* power of two, twice the entries */
+#define REG_NHOLDERS 65536u
+#define REG_HEADER_SIZE 4096u
+#define IDX_EMPTY 0u
+#define IDX_TOMB 0xffffffffu
+/* A fork-pending record is claimed by the child within its first
+   microseconds; past this it is taken for a child that died or a failed fork. */
+#define PENDING_NS 2000000000ull
+#define LOCK_TIMEOUT_S 10
+
+enum { H_FREE = 0, H_LIVE = 1, H_PENDING = 2 };
+enum { E_FREE = 0, E_LIVE = 1 };
+
+typedef struct {
+    char magic[8];
+    uint32_t version, header_size, entry_size, nentries, nindex, holder_size, nholders;
+    uint32_t mutex_size;
+    pthread_mutex_t lock;   /* robust, process-shared; guards all below and the tables */
+    uint64_t generation;    /* bumped for every new incarnation of a name */
+    uint32_t tombstones;    /* index slots marked deleted */
+    uint32_t entry_hint, holder_hint;
+    uint32_t entries_used, holders_used;
+    uint32_t repairs;       /* times a dead owner's lock was recovered */
+} reg_header;
+
+typedef struct {
+    uint32_t state;         /* E_*: written last on create, first on free */
+    uint32_t type, protect, flags;
+    uint64_t gen;
+    uint64_t size, dev, ino;
+    uint32_t head;          /* derived: first holder record + 1 */
+    uint32_t nholders;      /* derived */
+    uint32_t hash;
+    uint32_t keylen;
+    char key[FMAP_KEY_MAX];
+} reg_entry;
+
+typedef struct {
+    uint32_t state;         /* H_*: written last */
+    uint32_t entry;
+    uint32_t next;          /* derived: next holder of the same entry + 1 */
+    int32_t pid;            /* holder; for H_PENDING, the parent that forked */
+    int32_t fd;
+    uint32_t pad;
+    uint64_t start;         /* H_LIVE: process start time; H_PENDING: fork time (ns) */
+    uint64_t gen;           /* the entry incarnation it holds */
+} reg_holder;
+
+struct fmap_reg {
+    struct fmap_reg *next;
+    char *dir;
+    size_t maplen;
+    reg_header *h;
+    uint32_t *index;
+    reg_entry *entries;
+    reg_holder *holders;
+};
+
+static fmap_reg *g_regs;
+static pthread_mutex_t g_regs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t reg_size(void)
+{
+    return REG_HEADER_SIZE + REG_NINDEX * sizeof(uint32_t) +
+           REG_NENTRIES * sizeof(reg_entry) + REG_NHOLDERS * sizeof(reg_holder);
+}
+
+static void reg_layout(fmap_reg *r, void *base)
+{
+    char *p = base;
+    r->h = (reg_header *)p;
+    r->index = (uint32_t *)(p + REG_HEADER_SIZE);
+    r->entries = (reg_entry *)(p + REG_HEADER_SIZE + REG_NINDEX * sizeof(uint32_t));
+    r->holders = (reg_holder *)((char *)r->entries + REG_NENTRIES * sizeof(reg_entry));
+}
+
+static void set_state(uint32_t *word, uint32_t v)
+{
+    __atomic_store_n(word, v, __ATOMIC_RELEASE);
+}
+
+static uint32_t key_hash(const char *key, size_t len)
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)key[i]) * 16777619u;
+    return h;
+}
+
+/* ---- the registry: index and chains (all derived data) --------------------- */
+
+static int64_t idx_lookup(fmap_reg *r, const char *key, size_t len, uint32_t hash)
+{
+    uint32_t mask = REG_NINDEX - 1;
+    for (uint32_t i = 0, s = hash & mask; i < REG_NINDEX; i++, s = (s + 1) & mask) {
+        uint32_t v = r->index[s];
+        if (v == IDX_EMPTY)
+            return -1;
+        if (v == IDX_TOMB)
+            continue;
+        reg_entry *en = &r->entries[v - 1];
+        if (en->state == E_LIVE && en->hash == hash && en->keylen == len &&
+            memcmp(en->key, key, len) == 0)
+            return (int64_t)(v - 1);
+    }
+    return -1;
+}
+
+static void idx_insert(fmap_reg *r, uint32_t ei)
+{
+    uint32_t mask = REG_NINDEX - 1;
+    for (uint32_t s = r->entries[ei].hash & mask;; s = (s + 1) & mask) {
+        uint32_t v = r->index[s];
+        if (v == IDX_EMPTY || v == IDX_TOMB) {
+            if (v == IDX_TOMB)
+                r->h->tombstones--;
+            r->index[s] = ei + 1;
+            return;
+        }
+    }
+}
+
+static void idx_rebuild(fmap_reg *r)
+{
+    memset(r->index, 0, REG_NINDEX * sizeof(uint32_t));
+    r->h->tombstones = 0;
+    for (uint32_t i = 0; i < REG_NENTRIES; i++)
+        if (r->entries[i].state == E_LIVE)
+            idx_insert(r, i);
+}
+
+static void idx_delete(fmap_reg *r, uint32_t ei)
+{
+    uint32_t mask = REG_NINDEX - 1;
+    for (uint32_t i = 0, s = r->entries[ei].hash & mask; i < REG_NINDEX; i++, s = (s + 1) & mask) {
+        uint32_t v = r->index[s];
+        if (v == IDX_EMPTY)
+            return;
+        if (v == ei + 1) {
+            r->index[s] = IDX_TOMB;
+            /* Tombstones lengthen probes; past a quarter, start afresh. */
+            if (++r->h->tombstones > REG_NINDEX / 4)
+                idx_rebuild(r);
+            return;
+        }
+    }
+}
+
+static void chain_add(fmap_reg *r, uint32_t ei, uint32_t hi)
+{
+    r->holders[hi].next = r->entries[ei].head;
+    r->entries[ei].head = hi + 1;
+    r->entries[ei].nholders++;
+}
+
+static void chain_remove(fmap_reg *r, uint32_t ei, uint32_t hi)
+{
+    uint32_t *link = &r->entries[ei].head;
+    while (*link) {
+        if (*link == hi + 1) {
+            *link = r->holders[hi].next;
+            r->entries[ei].nholders--;
+            return;
+        }
+        link = &r->holders[*link - 1].next;
+    }
+}
+
+static void holder_drop(fmap_reg *r, uint32_t ei, uint32_t hi)
+{
+    chain_remove(r, ei, hi);
+    set_state(&r->holders[hi].state, H_FREE);
+    r->h->holders_used--;
+}
+
+static void entry_drop(fmap_reg *r, uint32_t ei)
+{
+    set_state(&r->entries[ei].state, E_FREE);
+    idx_delete(r, ei);
+    r->h->entries_used--;
+}
+
+/* Rebuild what a process killed inside the lock may have left half done:
+   everything derived from the entries' and holders' state words. */
+static void reg_repair(fmap_reg *r)
+{
+    reg_header *h = r->h;
+    h->entries_used = 0;
+    h->holders_used = 0;
+    for (uint32_t i = 0; i < REG_NENTRIES; i++) {
+        r->entries[i].head = 0;
+        r->entries[i].nholders = 0;
+    }
+    for (uint32_t i = 0; i < REG_NHOLDERS; i++) {
+        reg_holder *ho = &r->holders[i];
+        if (ho->state == H_FREE)
+            continue;
+        if (ho->entry < REG_NENTRIES && r->entries[ho->entry].state == E_LIVE &&
+            r->entries[ho->entry].gen == ho->gen) {
+            chain_add(r, ho->entry, i);
+            h->holders_used++;
+        } else {
+            ho->state = H_FREE;
+        }
+    }
+    for (uint32_t i = 0; i < REG_NENTRIES; i++) {
+        reg_entry *en = &r->entries[i];
+        if (en->state != E_LIVE)
+            continue;
+        if (!en->head || en->keylen > FMAP_KEY_MAX)
+            en->state = E_FREE;
+        else
+            h->entries_used++;
+    }
+    idx_rebuild(r);
+    h->repairs++;
+}
+
+/* ---- the registry: lock ------------------------------------------------- */
+
+static int reg_lock(fmap_reg *r, fmap_err *e)
+{
+    int rc = pthread_mutex_trylock(&r->h->lock);
+    if (rc == EBUSY) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += LOCK_TIMEOUT_S;
+        rc = pthread_mutex_timedlock(&r->h->lock, &ts);
+    }
+    if (rc == EOWNERDEAD) {
+        /* Robust mutex: its owner died inside; repair, then mark consistent. */
+        reg_repair(r);
+        pthread_mutex_consistent(&r->h->lock);
+        rc = 0;
+    }
+    if (rc == 0)
+        return FMAP_OK;
+    if (rc == ETIMEDOUT)
+        return fail(e, FMAP_ETIMEOUT, rc, "registry lock");
+    if (rc == ENOTRECOVERABLE)
+        return fail(e, FMAP_ECORRUPT, rc, "registry lock");
+    return fail(e, FMAP_ESYS, rc, "registry lock");
+}
+
+static void reg_unlock(fmap_reg *r)
+{
+    pthread_mutex_unlock(&r->h->lock);
+}
+
+/* ---- the registry: attach ----------------------------------------------- */
+
+static int check_dir(const char *dir, int create, int *dirfd, fmap_err *e)
+{
+    struct stat st, st2;
+    if (lstat(dir, &st) != 0) {
+        if (errno != ENOENT || !create)
+            return sys_fail(e, "runtime directory");
+        if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+            return sys_fail(e, "mkdir runtime directory");
+        if (lstat(dir, &st) != 0)
+            return sys_fail(e, "runtime directory");
+    }
+    if (!S_ISDIR(st.st_mode))
+        return fail(e, FMAP_EUNSAFE, ENOTDIR, "runtime directory is not a directory");
+    if (st.st_uid != geteuid())
+        return fail(e, FMAP_EUNSAFE, EPERM, "runtime directory owned by another user");
+    if (st.st_mode & 077)
+        return fail(e, FMAP_EUNSAFE, EPERM, "runtime directory open to other users");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return sys_fail(e, "open runtime directory");
+    /* The directory opened is the one checked, not one swapped in since. */
+    if (fstat(fd, &st2) != 0 || st2.st_dev != st.st_dev || st2.st_ino != st.st_ino) {
+        close(fd);
+        return fail(e, FMAP_EUNSAFE, EPERM, "runtime directory changed while opened");
+    }
+    *dirfd = fd;
+    return FMAP_OK;
+}
+
+static int reg_init_file(int dirfd, fmap_err *e)
+{
+    char tmp[64];
+    snprintf(tmp, sizeof tmp, ".registry.%d.tmp", fmap_getpid());
+    unlinkat(dirfd, tmp, 0);
+    int fd = openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return sys_fail(e, "create registry");
+    size_t len = reg_size();
+    void *base = MAP_FAILED;
+    if (ftruncate(fd, (off_t)len) != 0 ||
+        (base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+        sys_fail(e, "create registry");
+        close(fd);
+        unlinkat(dirfd, tmp, 0);
+        return e->status;
+    }
+    close(fd);
+    reg_header *h = base;
+    h->version = REG_VERSION;
+    h->header_size = REG_HEADER_SIZE;
+    h->entry_size = sizeof(reg_entry);
+    h->nentries = REG_NENTRIES;
+    h->nindex = REG_NINDEX;
+    h->holder_size = sizeof(reg_holder);
+    h->nholders = REG_NHOLDERS;
+    h->mutex_size = sizeof(pthread_mutex_t);
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&h->lock, &a);
+    pthread_mutexattr_destroy(&a);
+    memcpy(h->magic, REG_MAGIC, 8);
+    munmap(base, len);
+    /* Published whole or not at all: link fails if another process won. */
+    int rc = linkat(dirfd, tmp, dirfd, REG_FILE, 0);
+    int err = errno;
+    unlinkat(dirfd, tmp, 0);
+    if (rc != 0 && err != EEXIST)
+        return fail(e, FMAP_ESYS, err, "publish registry");
+    return FMAP_OK;
+}
+
+static int reg_map(int dirfd, fmap_reg *r, fmap_err *e)
+{
+    int fd = openat(dirfd, REG_FILE, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        if (reg_init_file(dirfd, e) != FMAP_OK)
+            return e->status;
+        fd = openat(dirfd, REG_FILE, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    }
+    if (fd < 0)
+        return sys_fail(e, "open registry");
+    struct stat st;
+    size_t len = reg_size();
+    if (fstat(fd, &st) != 0) {
+        sys_fail(e, "open registry");
+        close(fd);
+        return e->status;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077)) {
+        close(fd);
+        return fail(e, FMAP_EUNSAFE, EPERM, "registry file has a wrong type, owner or mode");
+    }
+    if ((size_t)st.st_size != len) {
+        close(fd);
+        return fail(e, FMAP_ECORRUPT, 0, "registry file has a wrong size");
+    }
+    void *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED)
+        return sys_fail(e, "map registry");
+    reg_header *h = base;
+    if (memcmp(h->magic, REG_MAGIC, 8) != 0 || h->version != REG_VERSION ||
+        h->header_size != REG_HEADER_SIZE || h->entry_size != sizeof(reg_entry) ||
+        h->nentries != REG_NENTRIES || h->nindex != REG_NINDEX ||
+        h->holder_size != sizeof(reg_holder) || h->nholders != REG_NHOLDERS ||
+        h->mutex_size != sizeof(pthread_mutex_t)) {
+        munmap(base, len);
+        return fail(e, FMAP_ECORRUPT, 0, "registry file has a wrong magic, version or layout");
+    }
+    r->maplen = len;
+    reg_layout(r, base);
+    return FMAP_OK;
+}
+
+int fmap_reg_attach(const char *dir, int create_dir, fmap_reg **out, fmap_err *e)
+{
+    pthread_mutex_lock(&g_regs_lock);
+    for (fmap_reg *r = g_regs; r; r = r->next) {
+        if (strcmp(r->dir, dir) == 0) {
+            pthread_mutex_unlock(&g_regs_lock);
+            *out = r;
+            return FMAP_OK;
+        }
+    }
+    int dirfd = -1;
+    fmap_reg *r = calloc(1, sizeof *r);
+    if (!r) {
+        pthread_mutex_unlock(&g_regs_lock);
+        return fail(e, FMAP_ESYS, ENOMEM, "malloc");
+    }
+    if (check_dir(dir, create_dir, &dirfd, e) != FMAP_OK || reg_map(dirfd, r, e) != FMAP_OK ||
+        !(r->dir = strdup(dir))) {
+        if (r->dir == NULL && e->status == FMAP_OK)
+            fail(e, FMAP_ESYS, ENOMEM, "malloc");
+        if (r->h)
+            munmap(r->h, r->maplen);
+        free(r);
+        if (dirfd >= 0)
+            close(dirfd);
+        pthread_mutex_unlock(&g_regs_lock);
+        return e->status;
+    }
+    close(dirfd);
+    /* Registries stay mapped for the life of the process: holds point into them. */
+    r->next = g_regs;
+    g_regs = r;
+    pthread_mutex_unlock(&g_regs_lock);
+    *out = r;
+    return FMAP_OK;
+}
+
+/* ---- the registry: holders ----------------------------------------------- */
+
+static int64_t holder_alloc(fmap_reg *r)
+{
+    uint32_t n = REG_NHOLDERS, s = r->h->holder_hint % n;
+    for (uint32_t i = 0; i < n; i++, s = (s + 1) % n) {
+        if (r->holders[s].state == H_FREE) {
+            r->h->holder_hint = s + 1;
+            return s;
+        }
+    }
+    return -1;
+}
+
+static int64_t entry_alloc(fmap_reg *r)
+{
+    uint32_t n = REG_NENTRIES, s = r->h->entry_hint % n;
+    for (uint32_t i = 0; i < n; i++, s = (s + 1) % n) {
+        if (r->entries[s].state == E_FREE) {
+            r->h->entry_hint = s + 1;
+            return s;
+        }
+    }
+    return -1;
+}
+
+static int pending_expired(const reg_holder *ho)
+{
+    return now_ns() - ho->start > PENDING_NS;
+}
+
+/* Does holder record hi still name a live fd of the entry's object?  A stat
+   through /proc follows the fd to its inode without opening anything.
+   Returns 1 alive, 0 dead, -1 cannot tell (permission): kept as alive. */
+static int holder_alive(fmap_reg *r, uint32_t ei, uint32_t hi)
+{
+    reg_holder *ho = &r->holders[hi];
+    reg_entry *en = &r->entries[ei];
+    if (ho->state == H_PENDING)
+        return !pending_expired(ho);
+    char path[64];
+    struct stat st;
+    proc_fd_path(path, sizeof path, ho->pid, ho->fd);
+    if (stat(path, &st) == 0)
+        return (uint64_t)st.st_dev == en->dev && (uint64_t)st.st_ino == en->ino;
+    return (errno == EACCES || errno == EPERM) ? -1 : 0;
+}
+
+/* Is any holder of entry ei alive?  Prunes the dead, frees a dead entry. */
+static int entry_alive(fmap_reg *r, uint32_t ei)
+{
+    uint32_t link = r->entries[ei].head;
+    while (link) {
+        uint32_t hi = link - 1;
+        link = r->holders[hi].next;
+        if (holder_alive(r, ei, hi))
+            return 1;
+        holder_drop(r, ei, hi);
+    }
+    entry_drop(r, ei);
+    return 0;
+}
+
+static void prune_all(fmap_reg *r)
+{
+    for (uint32_t i = 0; i < REG_NENTRIES; i++)
+        if (r->entries[i].state == E_LIVE)
+            entry_alive(r, i);
+}
+
+/* Open entry ei's object through a live holder, pruning dead ones on the way.
+   FMAP_OK with *fd; FMAP_ENOTFOUND (the entry is freed); FMAP_EACCESS when the
+   only live holders cannot be reached by us; 1 when only a just-forked child
+   holds it and has not claimed its record yet (try again shortly). */
+static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err *e)
+{
+    reg_entry *en = &r->entries[ei];
+    int oflags = (writable && en->protect == FMAP_A_WRITE ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+    int denied = 0, pending = 0;
+    uint32_t link = en->head;
+    while (link) {
+        uint32_t hi = link - 1;
+        reg_holder *ho = &r->holders[hi];
+        link = ho->next;
+        if (ho->state == H_PENDING) {
+            if (pending_expired(ho))
+                holder_drop(r, ei, hi);
+            else
+                pending = 1;
+            continue;
+        }
+        char path[64];
+        proc_fd_path(path, sizeof path, ho->pid, ho->fd);
+        int f = open(path, oflags);
+        if (f >= 0) {
+            struct stat st;
+            if (fstat(f, &st) == 0 && (uint64_t)st.st_dev == en->dev &&
+                (uint64_t)st.st_ino == en->ino) {
+                *fd = f;
+                return FMAP_OK;
+            }
+            close(f);                 /* the fd number was reused: stale record */
+            holder_drop(r, ei, hi);
+        } else if (errno == EACCES || errno == EPERM) {
+            int alive = holder_alive(r, ei, hi);
+            if (alive)
+                denied = 1;
+            else
+                holder_drop(r, ei, hi);
+        } else if (errno == ENOENT || errno == ESRCH || errno == ENOTDIR) {
+            holder_drop(r, ei, hi);   /* the process or its fd is gone */
+        } else {
+            return sys_fail(e, "open /proc/<pid>/fd");
+        }
+    }
+    if (denied)
+        return fail(e, FMAP_EACCESS, EACCES, "open /proc/<pid>/fd");
+    if (pending)
+        return 1;
+    entry_drop(r, ei);
+    return fail(e, FMAP_ENOTFOUND, ENOENT, "lookup");
+}
+
+static int add_holder(fmap_reg *r, uint32_t ei, int fd, fmap_hold *hold, fmap_err *e)
+{
+    int64_t hi = holder_alloc(r);
+    if (hi < 0) {
+        prune_all(r);
+        if (r->entries[ei].state != E_LIVE)  /* cannot happen: we hold it open */
+            return fail(e, FMAP_ENOTFOUND, ENOENT, "lookup");
+        hi = holder_alloc(r);
+        if (hi < 0)
+            return fail(e, FMAP_EFULL, ENOSPC, "registry holder records");
+    }
+    reg_holder *ho = &r->holders[hi];
+    ho->entry = ei;
+    ho->pid = fmap_getpid();
+    ho->fd = fd;
+    ho->start = start_time();
+    ho->gen = r->entries[ei].gen;
+    set_state(&ho->state, H_LIVE);
+    chain_add(r, ei, (uint32_t)hi);
+    r->h->holders_used++;
+    hold->reg = r;
+    hold->entry = ei;
+    hold->slot = (uint32_t)hi;
+    hold->pending = 0;
+    hold->gen = ho->gen;
+    hold->fd = fd;
+    return FMAP_OK;
+}
+
+static void entry_info(const reg_entry *en, fmap_objinfo *info)
+{
+    info->type = en->type;
+    info->protect = en->protect;
+    info->flags = en->flags;
+    info->size = en->size;
+    info->dev = en->dev;
+    info->ino = en->ino;
+}
+
+/* Look up and open an existing name; the lock is held.  Returns FMAP_OK,
+   FMAP_ENOTFOUND when the name is free, or an error.  Waits (lock dropped) while
+   only a just-forked child holds the object. */
+static int open_locked(fmap_reg *r, const char *key, size_t len, uint32_t hash,
+                       uint32_t type, int exclusive, int writable, int *fd,
+                       fmap_objinfo *info, fmap_hold *hold, fmap_err *e)
+{
+    for (;;) {
+        int64_t ei = idx_lookup(r, key, len, hash);
+        if (ei < 0)
+            return fail(e, FMAP_ENOTFOUND, ENOENT, "lookup");
+        reg_entry *en = &r->entries[ei];
+        if (en->type != type || exclusive) {
+            if (!entry_alive(r, (uint32_t)ei))
+                return fail(e, FMAP_ENOTFOUND, ENOENT, "lookup");
+            return en->type != type ? fail(e, FMAP_EWRONGTYPE, 0, "lookup")
+                                    : fail(e, FMAP_EEXIST, EEXIST, "lookup");
+        }
+        int rc = reach_entry(r, (uint32_t)ei, writable, fd, e);
+        if (rc == 1) {   /* a forked child is about to claim its record */
+            reg_unlock(r);
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+            if (reg_lock(r, e) != FMAP_OK)
+                return e->status;
+            continue;
+        }
+        if (rc != FMAP_OK)
+            return rc;
+        rc = add_holder(r, (uint32_t)ei, *fd, hold, e);
+        if (rc != FMAP_OK) {
+            close(*fd);
+            return rc;
+        }
+        entry_info(en, info);
+        return FMAP_OK;
+    }
+}
+
+int fmap_reg_open(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                  int writable, int *fd, fmap_objinfo *info, fmap_hold *hold,
+                  fmap_err *e)
+{
+    if (keylen == 0 || keylen > FMAP_KEY_MAX)
+        return fail(e, FMAP_ESYS, EINVAL, "name length");
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    int rc = open_locked(r, key, keylen, key_hash(key, keylen), type, 0, writable, fd,
+                         info, hold, e);
+    reg_unlock(r);
+    return rc;
+}
+
+int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                    const fmap_newobj *spec, int exclusive, int writable,
+                    int *fd, fmap_objinfo *info, fmap_hold *hold, int *created,
+                    fmap_err *e)
+{
+    if (keylen == 0 || keylen > FMAP_KEY_MAX)
+        return fail(e, FMAP_ESYS, EINVAL, "name length");
+    uint32_t hash = key_hash(key, keylen);
+    *created = 0;
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    int rc = open_locked(r, key, keylen, hash, type, exclusive, writable, fd, info, hold, e);
+    if (rc != FMAP_ENOTFOUND) {
+        reg_unlock(r);
+        return rc;
+    }
+    /* The name is free: make the object and publish it, still under the lock,
+       so that of many racing creators exactly one creates. */
+    int64_t ei = entry_alloc(r);
+    if (ei < 0) {
+        prune_all(r);
+        ei = entry_alloc(r);
+        if (ei < 0) {
+            reg_unlock(r);
+            return fail(e, FMAP_EFULL, ENOSPC, "registry entries");
+        }
+    }
+    int ofd = spec->fd;
+    if (ofd < 0 && fmap_memfd_new(spec, &ofd, e) != FMAP_OK) {
+        reg_unlock(r);
+        return e->status;
+    }
+    fmap_objinfo oi;
+    if (fmap_fd_info(ofd, &oi, e) != FMAP_OK) {
+        if (spec->fd < 0)
+            close(ofd);
+        reg_unlock(r);
+        return e->status;
+    }
+    reg_entry *en = &r->entries[ei];
+    en->type = type;
+    en->protect = spec->protect;
+    en->flags = spec->flags;
+    en->gen = ++r->h->generation;
+    en->size = spec->size;
+    en->dev = oi.dev;
+    en->ino = oi.ino;
+    en->head = 0;
+    en->nholders = 0;
+    en->hash = hash;
+    en->keylen = (uint32_t)keylen;
+    memcpy(en->key, key, keylen);
+    /* The holder record first: a crash before the entry's state word leaves a
+       record that repair frees, never a live name without holders. */
+    int64_t hi = holder_alloc(r);
+    if (hi < 0) {
+        prune_all(r);
+        hi = holder_alloc(r);
+    }
+    if (hi < 0) {
+        if (spec->fd < 0)
+            close(ofd);
+        reg_unlock(r);
+        return fail(e, FMAP_EFULL, ENOSPC, "registry holder records");
+    }
+    reg_holder *ho = &r->holders[hi];
+    ho->entry = (uint32_t)ei;
+    ho->pid = fmap_getpid();
+    ho->fd = ofd;
+    ho->start = start_time();
+    ho->gen = en->gen;
+    set_state(&ho->state, H_LIVE);
+    set_state(&en->state, E_LIVE);
+    idx_insert(r, (uint32_t)ei);
+    chain_add(r, (uint32_t)ei, (uint32_t)hi);
+    r->h->entries_used++;
+    r->h->holders_used++;
+    entry_info(en, info);
+    hold->reg = r;
+    hold->entry = (uint32_t)ei;
+    hold->slot = (uint32_t)hi;
+    hold->pending = 0;
+    hold->gen = en->gen;
+    hold->fd = ofd;
+    reg_unlock(r);
+    *fd = ofd;
+    *created = 1;
+    return FMAP_OK;
+}
+
+/* Is hold's record still ours (not pruned, not reused)? */
+static int hold_valid(fmap_reg *r, const fmap_hold *hold)
+{
+    if (hold->slot >= REG_NHOLDERS || hold->entry >= REG_NENTRIES)
+        return 0;
+    reg_holder *ho = &r->holders[hold->slot];
+    return ho->state == H_LIVE && ho->entry == hold->entry && ho->gen == hold->gen &&
+           ho->pid == fmap_getpid() && ho->fd == hold->fd &&
+           r->entries[hold->entry].state == E_LIVE && r->entries[hold->entry].gen == hold->gen;
+}
+
+/* Records added for children forked with this hold that have not claimed them. */
+static int unclaimed_children(fmap_reg *r, const fmap_hold *hold)
+{
+    uint32_t link = r->entries[hold->entry].head;
+    while (link) {
+        reg_holder *ho = &r->holders[link - 1];
+        if (ho->state == H_PENDING && ho->pid == fmap_getpid() && ho->fd == hold->fd &&
+            !pending_expired(ho))
+            return 1;
+        link = ho->next;
+    }
+    return 0;
+}
+
+int fmap_reg_release(fmap_hold *hold, fmap_err *e)
+{
+    fmap_reg *r = hold->reg;
+    if (!r)
+        return FMAP_OK;
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    if (hold_valid(r, hold)) {
+        /* A child forked an instant ago holds the object through this very
+           handle; let it register before the name can go with our record. */
+        while (unclaimed_children(r, hold)) {
+            reg_unlock(r);
+            struct timespec ts = {0, 100000};
+            nanosleep(&ts, NULL);
+            if (reg_lock(r, e) != FMAP_OK)
+                return e->status;
+            if (!hold_valid(r, hold))
+                break;
+        }
+        if (hold_valid(r, hold)) {
+            holder_drop(r, hold->entry, hold->slot);
+            if (!r->entries[hold->entry].head)
+                entry_drop(r, hold->entry);
+        }
+    }
+    reg_unlock(r);
+    hold->reg = NULL;
+    return FMAP_OK;
+}
+
+int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
+{
+    fmap_reg *r = hold->reg;
+    hold->pending = 0;
+    if (!r)
+        return FMAP_OK;
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    if (hold_valid(r, hold)) {
+        int64_t hi = holder_alloc(r);
+        if (hi >= 0) {
+            reg_holder *ho = &r->holders[hi];
+            ho->entry = hold->entry;
+            ho->pid = fmap_getpid();
+            ho->fd = hold->fd;
+            ho->start = now_ns();
+            ho->gen = hold->gen;
+            set_state(&ho->state, H_PENDING);
+            chain_add(r, hold->entry, (uint32_t)hi);
+            r->h->holders_used++;
+            hold->pending = (uint32_t)hi + 1;
+        }
+    }
+    reg_unlock(r);
+    return FMAP_OK;
+}
+
+void fmap_reg_fork_parent(fmap_hold *hold)
+{
+    hold->pending = 0;   /* the record is the child's to claim */
+}
+
+int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e)
+{
+    fmap_reg *r = hold->reg;
+    uint32_t p = hold->pending;
+    hold->pending = 0;
+    if (!r)
+        return FMAP_OK;
+    if (!p) {
+        hold->reg = NULL;   /* the parent's record is not ours to release */
+        return FMAP_OK;
+    }
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    reg_holder *ho = &r->holders[p - 1];
+    if (ho->state == H_PENDING && ho->entry == hold->entry && ho->gen == hold->gen &&
+        ho->fd == hold->fd) {
+        ho->pid = fmap_getpid();
+        ho->start = start_time();
+        set_state(&ho->state, H_LIVE);
+        hold->slot = p - 1;
+    } else {
+        hold->reg = NULL;   /* expired and pruned: the handle works, unnamed */
+    }
+    reg_unlock(r);
+    return FMAP_OK;
+}
+
+int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e)
+{
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    prune_all(r);
+    int rc = 0;
+    for (uint32_t i = 0; i < REG_NENTRIES && rc == 0; i++) {
+        reg_entry *en = &r->entries[i];
+        if (en->state != E_LIVE)
+            continue;
+        fmap_objinfo info;
+        entry_info(en, &info);
+        rc = visit(ctx, en->key, en->keylen, &info, en->nholders);
+    }
+    reg_unlock(r);
+    return rc ? fail(e, FMAP_ESYS, 0, "visit") : FMAP_OK;
+}
+
+int fmap_reg_counts(fmap_reg *r, uint32_t *entries, uint32_t *holders, fmap_err *e)
+{
+    if (reg_lock(r, e) != FMAP_OK)
+        return e->status;
+    *entries = r->h->entries_used;
+    *holders = r->h->holders_used;
+    reg_unlock(r);
+    return FMAP_OK;
+}

@@ -1,0 +1,135 @@
+# The ownership map of the Cython core (src/_fmap.pyx, built as fmap._fmap; Cython
+# finds a module's .pxd by its qualified name, hence here): every C-owned field
+# says what owns it.
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef extern from "c/fmap.h" nogil:
+    enum:
+        FMAP_OK
+        FMAP_ESYS
+        FMAP_ENOTFOUND
+        FMAP_EEXIST
+        FMAP_EWRONGTYPE
+        FMAP_EACCESS
+        FMAP_EFULL
+        FMAP_ECORRUPT
+        FMAP_EUNSAFE
+        FMAP_ETIMEOUT
+        FMAP_EADDRINUSE
+        FMAP_EGONE
+        FMAP_T_MAPPING
+        FMAP_T_MUTEX
+        FMAP_T_SEMAPHORE
+        FMAP_T_EVENT
+        FMAP_T_CHANNEL
+        FMAP_A_READ
+        FMAP_A_WRITE
+        FMAP_A_COPY
+        FMAP_F_FILE
+        FMAP_KEY_MAX
+
+    ctypedef struct fmap_err:
+        int status
+        int sys
+        const char *call
+
+    ctypedef struct fmap_objinfo:
+        uint32_t type
+        uint32_t protect
+        uint32_t flags
+        uint64_t size
+        uint64_t dev
+        uint64_t ino
+
+    ctypedef struct fmap_newobj:
+        int fd
+        uint32_t flags
+        uint64_t size
+        uint32_t protect
+        int populate
+        const char *label
+
+    ctypedef struct fmap_reg:
+        pass
+
+    ctypedef struct fmap_hold:
+        fmap_reg *reg
+        uint32_t entry
+        uint32_t slot
+        uint32_t pending
+        uint64_t gen
+        int fd
+
+    size_t fmap_page_size()
+    int fmap_getpid()
+    int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e)
+    int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e)
+    int fmap_file_open(const char *path, uint32_t protect, int create, int *fd, int *created, fmap_err *e)
+    int fmap_fd_info(int fd, fmap_objinfo *info, fmap_err *e)
+    int fmap_fd_access(int fd, int *writable, fmap_err *e)
+    int fmap_dup(int fd, int *out, fmap_err *e)
+    void fmap_close_fd(int fd)
+    int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *out, fmap_err *e)
+    int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
+                      int populate, void *fixed, void **out, fmap_err *e)
+    int fmap_view_retire(void *addr, size_t length, fmap_err *e)
+    int fmap_view_unmap(void *addr, size_t length, fmap_err *e)
+    int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e)
+
+    int fmap_reg_attach(const char *dir, int create_dir, fmap_reg **out, fmap_err *e)
+    int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                        const fmap_newobj *spec, int exclusive, int writable,
+                        int *fd, fmap_objinfo *info, fmap_hold *hold, int *created,
+                        fmap_err *e)
+    int fmap_reg_open(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
+                      int writable, int *fd, fmap_objinfo *info, fmap_hold *hold,
+                      fmap_err *e)
+    int fmap_reg_release(fmap_hold *hold, fmap_err *e)
+    int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
+    void fmap_reg_fork_parent(fmap_hold *hold)
+    int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e)
+    ctypedef int (*fmap_reg_visit)(void *ctx, const char *key, size_t keylen,
+                                   const fmap_objinfo *info, uint32_t nholders) noexcept
+    int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e)
+    int fmap_reg_counts(fmap_reg *r, uint32_t *entries, uint32_t *holders, fmap_err *e)
+
+
+cdef class Handle:
+    # A kernel object this process holds: the Windows HANDLE.
+    cdef int fd                    # owned: the object's fd; -1 once closed
+    cdef fmap_hold hold            # owned: our holder record (hold.reg NULL: unnamed or not ours)
+    cdef Py_ssize_t live_index     # position in the core's table of named handles, -1 if absent
+    cdef uint32_t otype            # FMAP_T_*
+    cdef uint32_t protect_         # the object's protection
+    cdef uint32_t access_          # what this handle may do (<= protect_)
+    cdef uint64_t dev, ino         # identity of the object, checked when passed between processes
+    cdef readonly object name      # the name as given, or None when unnamed
+    cdef bytes key                 # registry key (namespace byte + UTF-8), None when unnamed
+    cdef readonly bint created     # False when it already existed (ERROR_ALREADY_EXISTS)
+    cdef object __weakref__
+
+    cdef int _close_handle(self) except -1
+
+
+cdef class Mapping(Handle):
+    cdef readonly object size      # exact size asked for, never page-rounded
+    cdef uint32_t flags            # FMAP_F_FILE for file-backed
+    cdef bint populate             # prefault views
+    cdef readonly object file      # path or file object it was made from, for repr; None otherwise
+
+
+cdef class View:
+    cdef char *addr                # owned: the mapped range; NULL once closed
+    cdef char *placeholder         # owned: zero-filled stand-in left by close, unmapped at dealloc
+    cdef size_t length_            # bytes the view shows
+    cdef readonly object offset
+    cdef uint32_t access_
+    cdef bint is_file              # flush has work to do only for file-backed views
+    cdef bint exposed              # the address left our hands (buffer, address, array)
+    cdef Py_ssize_t exports        # buffers handed out and not yet released
+    cdef object name               # the mapping's name, for repr and messages
+    cdef list arrays               # weakrefs to asarray() arrays, to name them in BufferError
+    cdef object __weakref__
+
+    cdef int _check(self) except -1
+    cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1

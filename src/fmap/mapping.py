@@ -1,0 +1,116 @@
+"""create() and open(): argument checking and defaults for mappings.
+
+The Cython core trusts what it gets from here; everything a user passes is
+checked in this file, before any name is looked up (DESIGN.md contract 1).
+"""
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any
+
+from . import _fmap
+from .names import key_for
+
+ERROR_INVALID_PARAMETER = 87
+MAX_SIZE = (1 << 63) - 1
+
+
+def _bad(cls: type, message: str, winerror: int = ERROR_INVALID_PARAMETER) -> Exception:
+    exc = cls(message)
+    exc.winerror = winerror
+    return exc
+
+
+def _access(value: Any, what: str) -> int:
+    try:
+        return _fmap.ACCESS[value]
+    except (KeyError, TypeError):
+        raise _bad(ValueError, f'{what} must be "r", "rw" or "c", not {value!r}') from None
+
+
+def _size(size: Any, *, required: bool) -> int:
+    if size is None:
+        if required:
+            raise _bad(ValueError, "size is required for paging-file storage (and must be > 0)")
+        return 0
+    if isinstance(size, bool):
+        raise TypeError("size must be an int, not bool")
+    try:
+        size = operator.index(size)
+    except TypeError:
+        raise TypeError(f"size must be an int, not {type(size).__name__}") from None
+    if size < 0 or size > MAX_SIZE:
+        raise _bad(ValueError, f"size must be between 0 and 2**63-1, not {size}")
+    if required and size == 0:
+        raise _bad(ValueError, "size must be > 0 for paging-file storage")
+    return size
+
+
+def _file_fd(file: Any, protect: int) -> tuple[int, str | None]:
+    """An fd the core may own for `file` (a path, a file object or an fd),
+    and the path of a file this call created (to remove if creation fails)."""
+    if isinstance(file, bool):
+        raise TypeError("file must be a path, a file object or an fd, not bool")
+    if isinstance(file, int):
+        return _fmap._dup(file), None
+    if isinstance(file, (str, bytes, os.PathLike)):
+        fd, created = _fmap._open_file(file, protect, True)
+        return fd, (os.fsdecode(file) if created else None)
+    fileno = getattr(file, "fileno", None)
+    if fileno is None:
+        raise TypeError(f"file must be a path, a file object or an fd, not {type(file).__name__}")
+    flush = getattr(file, "flush", None)
+    if flush is not None:
+        flush()          # buffered writes belong in the file before it is mapped
+    return _fmap._dup(fileno()), None
+
+
+def create(name: str | None = None, size: int | None = None, *, file: Any = None,
+           protect: str = "rw", exclusive: bool = False, populate: bool = False) -> _fmap.Mapping:
+    """Create a file mapping, or open it if the name exists (CreateFileMapping).
+
+    name: None or "" for unnamed; "Local\\\\" and "Global\\\\" prefixes allowed.
+    size: bytes, required for paging-file storage; for a file, None (or 0) is
+      the file's size and a larger size grows the file ("rw" only).
+    file: a path (created if missing, for "rw"), a file object or an fd.
+    protect: "r", "rw" or "c" (copy-on-write).
+    exclusive: raise FileExistsError when the name exists, instead of opening it.
+    populate: allocate and prefault the memory now.
+
+    When the name exists, the existing object's size and protection win and
+    `created` is False (ERROR_ALREADY_EXISTS).
+    """
+    prot = _access(protect, "protect")
+    size = _size(size, required=file is None)
+    key = key_for(name)
+    if file is None:
+        return _fmap._create(key and name, key, size, prot, bool(exclusive), bool(populate), -1, None)
+    fd, made = _file_fd(file, prot)
+    try:
+        return _fmap._create(key and name, key, size, prot, bool(exclusive), bool(populate),
+                             fd, file)
+    except BaseException:
+        if made is not None:
+            try:
+                os.unlink(made)
+            except OSError:
+                pass
+        raise
+
+
+def open(name: str, access: str = "rw") -> _fmap.Mapping:
+    """Open an existing named mapping (OpenFileMapping).
+
+    FileNotFoundError when no live object has that name; WrongTypeError when
+    an object of another type holds it.  access: "r", "rw" or "c".
+    """
+    acc = _access(access, "access")
+    key = key_for(name)
+    if key is None:
+        raise _bad(ValueError, "open needs a name; unnamed mappings are shared by "
+                               "inheritance or by pickling the Mapping")
+    return _fmap._open(name, key, acc)
+
+
+_fmap._shim.update(create=create, open=open)

@@ -1,0 +1,299 @@
+# Mapping: a file-mapping object (CreateFileMapping / OpenFileMapping).
+from libc.stdint cimport uintptr_t
+
+ALLOCATION_GRANULARITY = 65536   # Windows' value, on every OS: portable offsets
+PAGE_SIZE = fmap_page_size()
+
+ACCESS = {"r": FMAP_A_READ, "rw": FMAP_A_WRITE, "c": FMAP_A_COPY}
+ACCESS_NAMES = {FMAP_A_READ: "r", FMAP_A_WRITE: "rw", FMAP_A_COPY: "c"}
+
+# Set by the Python shim: the argument-checking create/open behind the
+# Mapping.create / Mapping.open class methods.
+_shim = {}
+
+
+cdef uint32_t parse_access(object access, str what) except 0:
+    try:
+        return ACCESS[access]
+    except (KeyError, TypeError):
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f'{what}: access must be "r", "rw" or "c", not {access!r}') from None
+
+
+cdef Mapping new_mapping(name, bytes key, int fd, const fmap_objinfo *info, uint32_t access,
+                         bint created, bint populate, file):
+    cdef Mapping m = Mapping.__new__(Mapping)
+    m.fd = fd
+    m.otype = FMAP_T_MAPPING
+    m.name = name
+    m.key = key
+    m.size = info.size
+    m.protect_ = info.protect
+    m.access_ = access
+    m.flags = info.flags
+    m.dev = info.dev
+    m.ino = info.ino
+    m.created = created
+    m.populate = populate
+    m.file = file
+    return m
+
+
+def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bint populate,
+            int fd, file):
+    """The core of fmap.create; the shim has checked the arguments.
+
+    fd is -1 for paging-file storage, else a file's fd that this call owns from
+    now on: kept as the handle, or closed when an existing object wins or on error.
+    """
+    cdef fmap_err e
+    cdef fmap_newobj spec
+    cdef fmap_objinfo info
+    cdef fmap_hold hold
+    cdef int created = 1, rc, ofd = -1
+    cdef fmap_reg *reg = NULL
+    what = f"cannot create mapping {describe(name)}"
+    if fd >= 0:
+        with nogil:
+            rc = fmap_file_prepare(fd, protect, &size, &e)
+        if rc != FMAP_OK:
+            fmap_close_fd(fd)
+            raise_err(&e, what)
+    label = b"fmap:" + (key[1:200] if key is not None else b"")
+    spec.fd = fd
+    spec.flags = FMAP_F_FILE if fd >= 0 else 0
+    spec.size = size
+    spec.protect = protect
+    spec.populate = populate
+    spec.label = label
+    if key is None:
+        if fd < 0:
+            with nogil:
+                rc = fmap_memfd_new(&spec, &ofd, &e)
+            if rc != FMAP_OK:
+                raise_err(&e, what)
+        else:
+            ofd = fd
+        if fmap_fd_info(ofd, &info, &e) != FMAP_OK:
+            fmap_close_fd(ofd)
+            raise_err(&e, what)
+        info.type = FMAP_T_MAPPING
+        info.protect = protect
+        info.flags = spec.flags
+        info.size = size
+        return new_mapping(None, None, ofd, &info, protect, True, populate, file)
+    try:
+        reg = get_registry(what)
+    except BaseException:
+        fmap_close_fd(fd)
+        raise
+    cdef const char *k = key
+    cdef size_t klen = len(key)
+    with nogil:
+        rc = fmap_reg_create(reg, k, klen, FMAP_T_MAPPING, &spec, exclusive,
+                             protect == FMAP_A_WRITE, &ofd, &info, &hold, &created, &e)
+    if rc != FMAP_OK:
+        fmap_close_fd(fd)
+        raise_err(&e, what)
+    if not created:
+        fmap_close_fd(fd)     # the existing object wins (ERROR_ALREADY_EXISTS)
+        file = None
+    m = new_mapping(name, key, ofd, &info, capped_access(protect, info.protect),
+                    created, populate, file)
+    m.hold = hold
+    live_add(m)
+    return m
+
+
+def _open(name, bytes key, uint32_t access, uint64_t dev=0, uint64_t ino=0):
+    """The core of fmap.open.  dev and ino, when given, must match (unpickling)."""
+    cdef fmap_err e
+    cdef fmap_objinfo info
+    cdef fmap_hold hold
+    cdef int rc, fd = -1
+    what = f"cannot open mapping {describe(name)}"
+    cdef fmap_reg *reg = get_registry(what)
+    cdef const char *k = key
+    cdef size_t klen = len(key)
+    with nogil:
+        rc = fmap_reg_open(reg, k, klen, FMAP_T_MAPPING, access == FMAP_A_WRITE,
+                           &fd, &info, &hold, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, what)
+    m = new_mapping(name, key, fd, &info, capped_access(access, info.protect), False,
+                    False, None)
+    m.hold = hold
+    live_add(m)
+    if dev and (info.dev != dev or info.ino != ino):
+        m.close()
+        raise make_error(_errno.ENOENT, ERROR_FILE_NOT_FOUND,
+                         f"{what}: the mapping that was passed is gone; the name now "
+                         "names another object")
+    return m
+
+
+def _reach(int pid, int fd, uint32_t access, uint32_t protect, uint32_t flags, uint64_t size,
+           uint64_t dev, uint64_t ino):
+    """Open an unnamed mapping passed from process pid (unpickling)."""
+    cdef fmap_err e
+    cdef fmap_objinfo info
+    cdef int rc, out = -1
+    access = capped_access(access, protect)
+    with nogil:
+        rc = fmap_reach(pid, fd, access == FMAP_A_WRITE, dev, ino, &out, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, "cannot open the unnamed mapping passed from another process")
+    info.type = FMAP_T_MAPPING
+    info.protect = protect
+    info.flags = flags
+    info.size = size
+    info.dev = dev
+    info.ino = ino
+    return new_mapping(None, None, out, &info, access, False, False, None)
+
+
+def _unpickle(name, key, pid, fd, access, protect, flags, size, dev, ino):
+    if key is not None:
+        return _open(name, key, access, dev, ino)
+    return _reach(pid, fd, access, protect, flags, size, dev, ino)
+
+
+cdef class Mapping(Handle):
+    """A file-mapping object: memory (paging-file storage) or a file, named or not.
+
+    Made by fmap.create() / fmap.open() (or Mapping.create / Mapping.open).
+    Views of it come from map().  close() is CloseHandle: the name goes away
+    with the last handle in any process; the memory when the last handle and
+    the last view are gone, crash or not.
+    """
+
+    @classmethod
+    def create(cls, *args, **kwargs):
+        """Same as fmap.create()."""
+        return _shim["create"](*args, **kwargs)
+
+    @classmethod
+    def open(cls, *args, **kwargs):
+        """Same as fmap.open()."""
+        return _shim["open"](*args, **kwargs)
+
+    @property
+    def protect(self):
+        """The object's protection: "r", "rw" or "c"."""
+        return ACCESS_NAMES[self.protect_]
+
+    @property
+    def access(self):
+        """What this handle may map: "r", "rw" or "c"."""
+        return ACCESS_NAMES[self.access_]
+
+    def fileno(self):
+        """The handle's file descriptor (owned by the Mapping)."""
+        check_open(self)
+        return self.fd
+
+    def map(self, access=None, offset=0, length=0, *, address=None):
+        """Map a view (MapViewOfFileEx).
+
+        access: "r", "rw" or "c" (copy-on-write, private to the view); None =
+        the handle's access.  offset: a multiple of ALLOCATION_GRANULARITY.
+        length: bytes, 0 = to the end.  address: map exactly there (a multiple
+        of ALLOCATION_GRANULARITY) or fail if the range is in use.
+        """
+        cdef fmap_err e
+        cdef void *p = NULL
+        cdef void *fixed = NULL
+        cdef uint32_t acc
+        cdef uint64_t off, ln, size
+        cdef int rc
+        check_open(self)
+        size = self.size
+        if access is None:
+            acc = self.access_
+        else:
+            acc = parse_access(access, f"cannot map mapping {describe(self.name)}")
+        if acc == FMAP_A_WRITE and self.access_ != FMAP_A_WRITE:
+            raise make_error(_errno.EACCES, ERROR_ACCESS_DENIED,
+                             f'cannot map a "rw" view of mapping {describe(self.name)}: '
+                             f'the {"mapping" if self.protect_ != FMAP_A_WRITE else "handle"} '
+                             f'is "{ACCESS_NAMES[self.access_]}"')
+        try:
+            off = offset
+            ln = length
+        except (OverflowError, TypeError):
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot map mapping {describe(self.name)}: offset and length "
+                             f"must be non-negative integers, not {offset!r}, {length!r}") from None
+        if off % ALLOCATION_GRANULARITY:
+            raise make_error(ValueError, ERROR_MAPPED_ALIGNMENT,
+                             f"cannot map at offset {off}: offsets are multiples of "
+                             f"ALLOCATION_GRANULARITY ({ALLOCATION_GRANULARITY})")
+        if ln == 0:
+            if off >= size:
+                raise make_error(ValueError, ERROR_ACCESS_DENIED,
+                                 f"cannot map at offset {off}: mapping {describe(self.name)} "
+                                 f"has {size} bytes")
+            ln = size - off
+        elif off > size or ln > size - off:
+            raise make_error(ValueError, ERROR_ACCESS_DENIED,
+                             f"cannot map {ln} bytes at offset {off}: mapping "
+                             f"{describe(self.name)} has {size} bytes")
+        if address is not None:
+            try:
+                fixed = <void *><uintptr_t>address
+            except (OverflowError, TypeError):
+                raise make_error(ValueError, ERROR_INVALID_ADDRESS,
+                                 f"address must be a non-negative integer, not {address!r}") from None
+            if <uintptr_t>fixed % ALLOCATION_GRANULARITY or fixed == NULL:
+                raise make_error(ValueError, ERROR_MAPPED_ALIGNMENT,
+                                 f"cannot map at address {address:#x}: addresses are non-zero "
+                                 f"multiples of ALLOCATION_GRANULARITY ({ALLOCATION_GRANULARITY})")
+        with nogil:
+            rc = fmap_view_map(self.fd, off, ln, acc, self.populate, fixed, &p, &e)
+        if rc != FMAP_OK:
+            where = f" at address {address:#x}" if address is not None else ""
+            raise_err(&e, f"cannot map {ln} bytes of mapping {describe(self.name)} "
+                          f"at offset {off}{where}")
+        return new_view(<char *>p, ln, off, acc, self.flags & FMAP_F_FILE, self.name)
+
+    def __reduce__(self):
+        # Passing a handle to another process: a named mapping is reopened by
+        # name (and checked to be the same object); an unnamed one through
+        # this process's fd, which must stay open until the receiver has it.
+        check_open(self)
+        return (_unpickle, (self.name, self.key, fmap_getpid(), self.fd, self.access_,
+                            self.protect_, self.flags, self.size, self.dev, self.ino))
+
+    def __repr__(self):
+        state = "closed" if self.fd < 0 else "open"
+        what = describe(self.name)
+        if self.file is not None:
+            what += f" file={self.file!r}"
+        return (f"<fmap.Mapping {what} size={self.size} protect={self.protect} "
+                f"access={self.access} created={self.created} {state}>")
+
+
+def _open_file(path, uint32_t protect, bint create):
+    """Open a path for a file-backed mapping; (fd, created).  Errors through the chokepoint."""
+    cdef fmap_err e
+    cdef int fd = -1, created = 0, rc
+    cdef bytes p = _os.fsencode(path)
+    cdef const char *cp = p
+    with nogil:
+        rc = fmap_file_open(cp, protect, create, &fd, &created, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, f"cannot open file {_os.fsdecode(path)!r} for a mapping")
+    return fd, bool(created)
+
+
+def _dup(int fd):
+    """Duplicate a caller's fd (file objects, fds): the Mapping owns its copy."""
+    cdef fmap_err e
+    cdef int out = -1
+    if fmap_dup(fd, &out, &e) != FMAP_OK:
+        raise_err(&e, f"cannot use file descriptor {fd} for a mapping")
+    return out
+
+
+def _close_fd(int fd):
+    fmap_close_fd(fd)

@@ -1,0 +1,298 @@
+# View: a mapped view of a Mapping (MapViewOfFile / UnmapViewOfFile).
+from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+import weakref as _weakref
+
+cdef object _np = None
+
+
+cdef object numpy():
+    global _np
+    if _np is None:
+        import numpy
+        _np = numpy
+    return _np
+
+
+# Copies above this size release the GIL.
+cdef size_t NOGIL_COPY = 1 << 20
+
+
+cdef View new_view(char *addr, size_t length, uint64_t offset, uint32_t access, bint is_file, name):
+    cdef View v = View.__new__(View)
+    v.addr = addr
+    v.length_ = length
+    v.offset = offset
+    v.access_ = access
+    v.is_file = is_file
+    v.name = name
+    return v
+
+
+cdef class View:
+    """A view of a Mapping: the buffer protocol (zero copy), mmap-like indexing,
+    asarray() for NumPy.  close() is UnmapViewOfFile; it refuses while buffers
+    (memoryviews, arrays) still use the view.
+    """
+
+    def __cinit__(self):
+        self.addr = NULL
+        self.placeholder = NULL
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("View objects are made by Mapping.map()")
+
+    cdef int _check(self) except -1:
+        if self.addr == NULL:
+            raise make_error(ValueError, ERROR_INVALID_ADDRESS,
+                             f"view of mapping {describe(self.name)} is closed")
+        return 0
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        self._check()
+        if (flags & PyBUF_WRITABLE) and self.access_ == FMAP_A_READ:
+            raise BufferError(f'view of mapping {describe(self.name)} is read-only ("r")')
+        PyBuffer_FillInfo(buf, self, self.addr, self.length_, self.access_ == FMAP_A_READ, flags)
+        self.exports += 1
+        self.exposed = True
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+
+    @property
+    def closed(self):
+        return self.addr == NULL
+
+    @property
+    def address(self):
+        """The view's base address (an int).  Valid while the view is open."""
+        self._check()
+        self.exposed = True
+        return <uintptr_t>self.addr
+
+    @property
+    def length(self):
+        return self.length_
+
+    @property
+    def access(self):
+        """"r", "rw" or "c"."""
+        return ACCESS_NAMES[self.access_]
+
+    def __len__(self):
+        return self.length_
+
+    def _holders(self):
+        """What still holds exports: for the BufferError message."""
+        arrays = [a for a in (r() for r in (self.arrays or ())) if a is not None]
+        parts = []
+        if arrays:
+            shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in arrays[:3])
+            parts.append(f"{len(arrays)} NumPy array(s) from asarray() ({shapes})")
+        others = self.exports - len(arrays)
+        if others > 0:
+            parts.append(f"{others} other buffer(s) such as memoryviews")
+        return " and ".join(parts) or f"{self.exports} buffer(s)"
+
+    def close(self):
+        """Unmap the view (UnmapViewOfFile).  Idempotent.
+
+        Raises BufferError while memoryviews or arrays made from the view are
+        alive: release them first (memoryview.release(), del the array).
+        """
+        cdef fmap_err e
+        cdef int rc
+        cdef char *addr = self.addr
+        if addr == NULL:
+            return
+        if self.exports:
+            raise make_error(BufferError, ERROR_ACCESS_DENIED,
+                             f"cannot close view of mapping {describe(self.name)}: "
+                             f"{self._holders()} still use it; release them first "
+                             "(memoryview.release(), del the array)")
+        self.addr = NULL
+        if self.exposed:
+            # Something saw the address (np.ndarray(buffer=...) holds no export,
+            # ctypes may keep a pointer): leave zeros there until we are freed.
+            rc = fmap_view_retire(addr, self.length_, &e)
+            if rc == FMAP_OK:
+                self.placeholder = addr
+        else:
+            rc = fmap_view_unmap(addr, self.length_, &e)
+        if rc != FMAP_OK:
+            raise_err(&e, f"cannot close view of mapping {describe(self.name)}")
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if self.addr != NULL:
+            _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            if self.exports == 0:
+                self.close()
+
+    def __dealloc__(self):
+        cdef fmap_err e
+        if self.addr != NULL:
+            fmap_view_unmap(self.addr, self.length_, &e)
+            self.addr = NULL
+        if self.placeholder != NULL:
+            fmap_view_unmap(self.placeholder, self.length_, &e)
+            self.placeholder = NULL
+
+    cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1:
+        if offset > self.length_ or length > self.length_ - offset:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot {what} {length} bytes at offset {offset}: the view has "
+                             f"{self.length_} bytes")
+        out_len[0] = length if length else self.length_ - offset
+        return 0
+
+    def flush(self, offset=0, length=0, *, wait=False):
+        """Write dirty pages to the file (FlushViewOfFile).  wait=True returns
+        once they are on the device.  On paging-file storage: a no-op.
+        offset and length are relative to the view; length 0 = to the end."""
+        cdef fmap_err e
+        cdef uint64_t off, ln, n
+        cdef int rc, w = bool(wait)
+        self._check()
+        try:
+            off = offset
+            ln = length
+        except (OverflowError, TypeError):
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"flush offset and length must be non-negative integers, "
+                             f"not {offset!r}, {length!r}") from None
+        self._range(off, ln, "flush", &n)
+        if not self.is_file or n == 0 or self.access_ == FMAP_A_COPY:
+            return
+        with nogil:
+            rc = fmap_view_flush(self.addr + off, n, w, &e)
+        if rc != FMAP_OK:
+            raise_err(&e, f"cannot flush view of mapping {describe(self.name)}")
+
+    def asarray(self, dtype="uint8", shape=None, offset=0):
+        """A NumPy array over the view, zero copy.
+
+        The array holds a buffer export for its whole life (np.frombuffer), so
+        close() refuses while it lives.  Read-only views give read-only arrays.
+        shape None = as many items as fit from offset to the end.
+        """
+        self._check()
+        np = numpy()
+        dt = np.dtype(dtype)
+        try:
+            off = int(offset)
+        except (TypeError, ValueError):
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"offset must be an integer, not {offset!r}") from None
+        if off < 0 or off > self.length_:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"asarray offset {off} is outside the view of {self.length_} bytes")
+        avail = self.length_ - off
+        if dt.itemsize == 0:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"dtype {dt} has no size")
+        if shape is None:
+            count = avail // dt.itemsize
+        else:
+            if isinstance(shape, int):
+                shape = (shape,)
+            try:
+                shape = tuple(int(s) for s in shape)
+            except (TypeError, ValueError):
+                raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                 f"shape must be an int or a tuple of ints, not {shape!r}") from None
+            count = 1
+            for s in shape:
+                if s < 0:
+                    raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                     f"shape {shape} has a negative dimension")
+                count *= s
+            if count * dt.itemsize > avail:
+                raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                 f"an array of shape {shape} and dtype {dt} needs "
+                                 f"{count * dt.itemsize} bytes; the view has {avail} "
+                                 f"from offset {off}")
+        base = np.frombuffer(self, dtype=dt, count=count, offset=off)
+        if self.arrays is None:
+            self.arrays = []
+        else:
+            self.arrays = [r for r in self.arrays if r() is not None]
+        self.arrays.append(_weakref.ref(base))
+        return base if shape is None else base.reshape(shape)
+
+    # mmap-like indexing: view[i] is an int, view[a:b] bytes.
+    def __getitem__(self, key):
+        cdef Py_ssize_t i, start, stop, step
+        self._check()
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length_)
+            if step == 1:
+                return PyBytes_FromStringAndSize(self.addr + start, stop - start if stop > start else 0)
+            with memoryview(self) as mv:
+                return mv[key].tobytes()
+        try:
+            i = key
+        except TypeError:
+            raise TypeError(f"view indices must be integers or slices, not {type(key).__name__}") from None
+        if i < 0:
+            i += self.length_
+        if i < 0 or <size_t>i >= self.length_:
+            raise IndexError("view index out of range")
+        return <unsigned char>self.addr[i]
+
+    def __setitem__(self, key, value):
+        cdef Py_ssize_t i, start, stop, step, n
+        cdef Py_buffer src
+        cdef char *dst
+        self._check()
+        if self.access_ == FMAP_A_READ:
+            raise make_error(TypeError, ERROR_ACCESS_DENIED,
+                             f'view of mapping {describe(self.name)} is read-only ("r")')
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length_)
+            if step != 1:
+                with memoryview(self) as mv:
+                    mv[key] = value
+                return
+            n = stop - start if stop > start else 0
+            PyObject_GetBuffer(value, &src, PyBUF_SIMPLE)
+            try:
+                if src.len != n:
+                    raise IndexError(f"view slice assignment is wrong size: {src.len} bytes "
+                                     f"into a slice of {n}")
+                dst = self.addr + start
+                if <size_t>n > NOGIL_COPY:
+                    with nogil:
+                        memcpy(dst, src.buf, n)
+                else:
+                    memcpy(dst, src.buf, n)
+            finally:
+                PyBuffer_Release(&src)
+            return
+        try:
+            i = key
+        except TypeError:
+            raise TypeError(f"view indices must be integers or slices, not {type(key).__name__}") from None
+        if i < 0:
+            i += self.length_
+        if i < 0 or <size_t>i >= self.length_:
+            raise IndexError("view index out of range")
+        if not isinstance(value, int) or not 0 <= value <= 255:
+            raise ValueError(f"a byte is an int in range(256), not {value!r}")
+        self.addr[i] = <char><int>value
+
+    def __reduce__(self):
+        raise TypeError("a View cannot be pickled: pass the Mapping and map it in the other process")
+
+    def __repr__(self):
+        if self.addr == NULL:
+            return f"<fmap.View of {describe(self.name)} closed>"
+        return (f"<fmap.View of {describe(self.name)} access={self.access} offset={self.offset} "
+                f"length={self.length_} address={<uintptr_t>self.addr:#x} exports={self.exports}>")
