@@ -65,9 +65,12 @@ cdef object make_error(cls_or_errno, int winerror, str message):
     return exc
 
 
-cdef int raise_err(const fmap_err *e, str what) except -1:
-    """Raise the exception for a failed C call.  `what` says what was asked."""
+cdef int raise_err(const fmap_err *e, what) except -1:
+    """Raise the exception for a failed C call.  `what` says what was asked: a
+    str, or a callable making it (hot paths build messages only on failure)."""
     cdef int st = e.status
+    if not isinstance(what, str):
+        what = what()
     cdef int sys = e.sys
     call = e.call.decode() if e.call != NULL else "?"
     if st == FMAP_ENOTFOUND:

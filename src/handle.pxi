@@ -15,24 +15,31 @@ cdef fmap_reg *_reg = NULL
 cdef object _reg_dir = None
 
 
+# os.environ's bytes-keyed store: read on every create/open (tests and tools
+# change the variable at run time) without encoding the key each time.
+_env_data = getattr(_environ, "_data", None)
+_ENV_KEY = _os.fsencode("FMAP_RUNTIME_DIR")
+
+
 def runtime_dir():
     """The per-user registry directory: $FMAP_RUNTIME_DIR or /dev/shm/fmap-<uid>."""
     d = _environ.get("FMAP_RUNTIME_DIR")
     return d if d else f"/dev/shm/fmap-{_os.geteuid()}"
 
 
-cdef fmap_reg *get_registry(str what) except NULL:
+cdef fmap_reg *get_registry(what) except NULL:
     global _reg, _reg_dir
-    d = runtime_dir()
-    if _reg != NULL and d == _reg_dir:
+    raw = _env_data.get(_ENV_KEY) if _env_data is not None else _environ.get("FMAP_RUNTIME_DIR")
+    if _reg != NULL and raw == _reg_dir:
         return _reg
+    d = runtime_dir()
     cdef fmap_err e
     cdef fmap_reg *r = NULL
     cdef bytes bd = _os.fsencode(d)
     if fmap_reg_attach(bd, 1, &r, &e) != FMAP_OK:
-        raise_err(&e, what)
+        raise_err(&e, what if isinstance(what, str) else what())
     _reg = r
-    _reg_dir = d
+    _reg_dir = raw
     return r
 
 

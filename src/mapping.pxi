@@ -52,7 +52,7 @@ def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bi
     cdef fmap_hold hold
     cdef int created = 1, rc, ofd = -1
     cdef fmap_reg *reg = NULL
-    what = f"cannot create mapping {describe(name)}"
+    what = lambda: f"cannot create mapping {describe(name)}"
     if fd >= 0:
         with nogil:
             rc = fmap_file_prepare(fd, protect, &size, &e)
@@ -111,7 +111,7 @@ def _open(name, bytes key, uint32_t access, uint64_t dev=0, uint64_t ino=0):
     cdef fmap_objinfo info
     cdef fmap_hold hold
     cdef int rc, fd = -1
-    what = f"cannot open mapping {describe(name)}"
+    what = lambda: f"cannot open mapping {describe(name)}"
     cdef fmap_reg *reg = get_registry(what)
     cdef const char *k = key
     cdef size_t klen = len(key)
@@ -127,7 +127,7 @@ def _open(name, bytes key, uint32_t access, uint64_t dev=0, uint64_t ino=0):
     if dev and (info.dev != dev or info.ino != ino):
         m.close()
         raise make_error(_errno.ENOENT, ERROR_FILE_NOT_FOUND,
-                         f"{what}: the mapping that was passed is gone; the name now "
+                         f"{what()}: the mapping that was passed is gone; the name now "
                          "names another object")
     return m
 

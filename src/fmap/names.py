@@ -21,10 +21,23 @@ def _bad(message: str, winerror: int) -> ValueError:
     return exc
 
 
+_cache: dict[str, bytes] = {}
+
+
 def key_for(name: str | None) -> bytes | None:
     """The registry key of a name (namespace byte + UTF-8), None when unnamed."""
     if name is None or name == "":
         return None
+    key = _cache.get(name) if type(name) is str else None
+    if key is None:
+        key = _key(name)
+        if len(_cache) >= 4096:
+            _cache.clear()
+        _cache[name] = key
+    return key
+
+
+def _key(name: str) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"a name is a str or None, not {type(name).__name__}")
     ns, rest = b"L", name
