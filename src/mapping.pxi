@@ -152,6 +152,14 @@ def _reach(int pid, int fd, uint32_t access, uint32_t protect, uint32_t flags, u
     return new_mapping(None, None, out, &info, access, False, False, None)
 
 
+def _duplicate(Mapping m, uint32_t access):
+    """A second handle to m's object in this process (DuplicateHandle)."""
+    check_open(m)
+    if m.key is not None:
+        return _open(m.name, m.key, access, m.dev, m.ino)
+    return _reach(fmap_getpid(), m.fd, access, m.protect_, m.flags, m.size, m.dev, m.ino)
+
+
 def _unpickle(name, key, pid, fd, access, protect, flags, size, dev, ino):
     if key is not None:
         return _open(name, key, access, dev, ino)

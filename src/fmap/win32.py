@@ -1,0 +1,250 @@
+"""The Windows file-mapping functions under their own names, for code ported from C.
+
+A thin layer over fmap's Pythonic API.  As in C, functions return a handle
+(a Mapping), a view (a View, whose .address is lpBaseAddress), True, or on
+failure None / False with the Windows error code left for GetLastError().
+Handles and views stay alive until CloseHandle / UnmapViewOfFile, as in C,
+even when the caller drops every reference.  Misuse that C could not even
+express (a str where a number belongs) still raises TypeError.
+"""
+from __future__ import annotations
+
+import threading
+from collections import namedtuple
+from typing import Any, Callable, Optional, Union
+
+from . import _fmap
+from .mapping import create as _create, open as _open
+
+INVALID_HANDLE_VALUE = -1
+NULL = None
+
+PAGE_NOACCESS = 0x01
+PAGE_READONLY = 0x02
+PAGE_READWRITE = 0x04
+PAGE_WRITECOPY = 0x08
+PAGE_EXECUTE = 0x10
+PAGE_EXECUTE_READ = 0x20
+PAGE_EXECUTE_READWRITE = 0x40
+PAGE_EXECUTE_WRITECOPY = 0x80
+SEC_COMMIT = 0x08000000
+SEC_RESERVE = 0x04000000
+SEC_NOCACHE = 0x10000000
+SEC_WRITECOMBINE = 0x40000000
+SEC_LARGE_PAGES = 0x80000000
+SEC_IMAGE = 0x01000000
+
+FILE_MAP_COPY = 0x0001
+FILE_MAP_WRITE = 0x0002
+FILE_MAP_READ = 0x0004
+FILE_MAP_EXECUTE = 0x0020
+FILE_MAP_ALL_ACCESS = 0x000F001F
+
+DUPLICATE_CLOSE_SOURCE = 0x1
+DUPLICATE_SAME_ACCESS = 0x2
+
+ERROR_SUCCESS = 0
+ERROR_FILE_NOT_FOUND = 2
+ERROR_ACCESS_DENIED = 5
+ERROR_INVALID_HANDLE = 6
+ERROR_NOT_ENOUGH_MEMORY = 8
+ERROR_INVALID_PARAMETER = 87
+ERROR_ALREADY_EXISTS = 183
+ERROR_INVALID_ADDRESS = 487
+ERROR_FILE_INVALID = 1006
+ERROR_MAPPED_ALIGNMENT = 1132
+
+_PROTECT = {PAGE_READONLY: "r", PAGE_READWRITE: "rw", PAGE_WRITECOPY: "c"}
+_SEC_FLAGS = SEC_COMMIT | SEC_RESERVE | SEC_NOCACHE | SEC_WRITECOMBINE
+
+_tls = threading.local()
+_lock = threading.Lock()
+_handles: set = set()                         # open handles, kept alive as in C
+_views: dict = {}                             # base address -> View, until UnmapViewOfFile
+
+SYSTEM_INFO = namedtuple("SYSTEM_INFO", "dwPageSize dwAllocationGranularity")
+
+
+def GetLastError() -> int:
+    """The calling thread's last error code."""
+    return getattr(_tls, "error", 0)
+
+
+def SetLastError(code: int) -> None:
+    _tls.error = int(code)
+
+
+def GetSystemInfo() -> SYSTEM_INFO:
+    return SYSTEM_INFO(_fmap.PAGE_SIZE, _fmap.ALLOCATION_GRANULARITY)
+
+
+def _call(fn: Callable[[], Any], failed: Any) -> Any:
+    """Run fn; on an fmap error record its Windows code and return `failed`."""
+    try:
+        result = fn()
+    except (OSError, ValueError, BufferError, MemoryError) as exc:
+        SetLastError(getattr(exc, "winerror", ERROR_INVALID_PARAMETER))
+        return failed
+    SetLastError(ERROR_SUCCESS)
+    return result
+
+
+def _map_access(desired: int) -> Optional[str]:
+    if desired & FILE_MAP_EXECUTE:
+        return None
+    if desired & FILE_MAP_COPY and not desired & FILE_MAP_WRITE:
+        return "c"
+    if desired & FILE_MAP_WRITE:
+        return "rw"
+    if desired & FILE_MAP_READ:
+        return "r"
+    return None
+
+
+def CreateFileMapping(hFile: Any, lpFileMappingAttributes: Any, flProtect: int,
+                      dwMaximumSizeHigh: int, dwMaximumSizeLow: int,
+                      lpName: Optional[str]) -> Optional[_fmap.Mapping]:
+    """hFile: INVALID_HANDLE_VALUE (or None) for paging-file storage, else a path,
+    a file object or an fd.  GetLastError() is ERROR_ALREADY_EXISTS when the
+    name existed."""
+    protect = _PROTECT.get(flProtect & ~_SEC_FLAGS)
+    if protect is None:
+        SetLastError(ERROR_INVALID_PARAMETER)
+        return None
+    size = (int(dwMaximumSizeHigh) << 32) | int(dwMaximumSizeLow)
+    paging = hFile is None or (isinstance(hFile, int) and hFile == INVALID_HANDLE_VALUE)
+
+    def make():
+        if paging:
+            return _create(lpName, size, protect=protect)
+        return _create(lpName, size or None, file=hFile, protect=protect)
+
+    h = _call(make, None)
+    if h is not None:
+        with _lock:
+            _handles.add(h)
+        SetLastError(ERROR_SUCCESS if h.created else ERROR_ALREADY_EXISTS)
+    return h
+
+
+CreateFileMappingA = CreateFileMappingW = CreateFileMapping
+
+
+def OpenFileMapping(dwDesiredAccess: int, bInheritHandle: bool,
+                    lpName: str) -> Optional[_fmap.Mapping]:
+    access = _map_access(dwDesiredAccess)
+    if access is None:
+        SetLastError(ERROR_INVALID_PARAMETER)
+        return None
+    h = _call(lambda: _open(lpName, access), None)
+    if h is not None:
+        with _lock:
+            _handles.add(h)
+    return h
+
+
+OpenFileMappingA = OpenFileMappingW = OpenFileMapping
+
+
+def MapViewOfFileEx(hFileMappingObject: _fmap.Mapping, dwDesiredAccess: int,
+                    dwFileOffsetHigh: int, dwFileOffsetLow: int,
+                    dwNumberOfBytesToMap: int, lpBaseAddress: Optional[int]) -> Optional[_fmap.View]:
+    access = _map_access(dwDesiredAccess)
+    if access is None:
+        SetLastError(ERROR_INVALID_PARAMETER)
+        return None
+    if not isinstance(hFileMappingObject, _fmap.Mapping):
+        SetLastError(ERROR_INVALID_HANDLE)
+        return None
+    offset = (int(dwFileOffsetHigh) << 32) | int(dwFileOffsetLow)
+    v = _call(lambda: hFileMappingObject.map(access, offset, dwNumberOfBytesToMap,
+                                             address=lpBaseAddress or None), None)
+    if v is not None:
+        with _lock:
+            _views[v.address] = v
+    return v
+
+
+def MapViewOfFile(hFileMappingObject: _fmap.Mapping, dwDesiredAccess: int,
+                  dwFileOffsetHigh: int, dwFileOffsetLow: int,
+                  dwNumberOfBytesToMap: int) -> Optional[_fmap.View]:
+    return MapViewOfFileEx(hFileMappingObject, dwDesiredAccess, dwFileOffsetHigh,
+                           dwFileOffsetLow, dwNumberOfBytesToMap, None)
+
+
+def _view_at(lpBaseAddress: Union[_fmap.View, int], anywhere: bool) -> Optional[_fmap.View]:
+    if isinstance(lpBaseAddress, _fmap.View):
+        return None if lpBaseAddress.closed else lpBaseAddress
+    with _lock:
+        v = _views.get(lpBaseAddress)
+        if v is None and anywhere:
+            v = next((w for a, w in _views.items() if a <= lpBaseAddress < a + len(w)), None)
+    return v
+
+
+def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
+    """Unmap the view that starts at lpBaseAddress (a View or its address)."""
+    v = _view_at(lpBaseAddress, anywhere=False)
+    if v is None:
+        SetLastError(ERROR_INVALID_ADDRESS)
+        return False
+    address = v.address
+    if not _call(lambda: v.close() or True, False):
+        return False
+    with _lock:
+        _views.pop(address, None)
+    return True
+
+
+def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int], dwNumberOfBytesToFlush: int) -> bool:
+    """Flush from lpBaseAddress (anywhere in a view) for that many bytes (0 = to the end)."""
+    v = _view_at(lpBaseAddress, anywhere=True)
+    if v is None:
+        SetLastError(ERROR_INVALID_ADDRESS)
+        return False
+    start = 0 if isinstance(lpBaseAddress, _fmap.View) else lpBaseAddress - v.address
+    n = min(int(dwNumberOfBytesToFlush), len(v) - start) if dwNumberOfBytesToFlush else 0
+    return _call(lambda: v.flush(start, n) or True, False)
+
+
+def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int]) -> bool:
+    """fmap's nearest: flush the whole view and wait for the device."""
+    v = _view_at(lpBaseAddress, anywhere=True)
+    if v is None:
+        SetLastError(ERROR_INVALID_HANDLE)
+        return False
+    return _call(lambda: v.flush(wait=True) or True, False)
+
+
+def CloseHandle(hObject: Any) -> bool:
+    if not isinstance(hObject, _fmap.Handle) or hObject.closed:
+        SetLastError(ERROR_INVALID_HANDLE)
+        return False
+    ok = _call(lambda: hObject.close() or True, False)
+    with _lock:
+        _handles.discard(hObject)
+    return ok
+
+
+def DuplicateHandle(hSourceHandle: _fmap.Mapping, dwDesiredAccess: int = 0,
+                    dwOptions: int = DUPLICATE_SAME_ACCESS) -> Optional[_fmap.Mapping]:
+    """A second handle to the same object, in this process.  (To pass a handle
+    to another process, pickle the Mapping.)"""
+    if not isinstance(hSourceHandle, _fmap.Mapping) or hSourceHandle.closed:
+        SetLastError(ERROR_INVALID_HANDLE)
+        return None
+    if dwOptions & DUPLICATE_SAME_ACCESS:
+        access = hSourceHandle.access
+    else:
+        access = _map_access(dwDesiredAccess)
+        if access is None:
+            SetLastError(ERROR_INVALID_PARAMETER)
+            return None
+    h = _call(lambda: _fmap._duplicate(hSourceHandle, _fmap.ACCESS[access]), None)
+    if h is not None:
+        with _lock:
+            _handles.add(h)
+        if dwOptions & DUPLICATE_CLOSE_SOURCE:
+            CloseHandle(hSourceHandle)
+            SetLastError(ERROR_SUCCESS)
+    return h
