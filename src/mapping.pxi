@@ -66,6 +66,8 @@ def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bi
     spec.protect = protect
     spec.populate = populate
     spec.label = label
+    spec.init = NULL
+    spec.init_ctx = NULL
     if key is None:
         if fd < 0:
             with nogil:

@@ -70,6 +70,11 @@ typedef struct {
     uint32_t protect;
     int populate;           /* allocate the memory now */
     const char *label;      /* memfd label, for /proc/<pid>/maps */
+    /* Called with the new object's fd before its name is published (the
+       registry lock is held): lays out the object's initial state, so no
+       opener ever sees it half made.  NULL for none. */
+    int (*init)(void *ctx, int fd, fmap_err *e);
+    void *init_ctx;
 } fmap_newobj;
 
 typedef struct fmap_reg fmap_reg;

@@ -999,7 +999,8 @@ int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
         return e->status;
     }
     fmap_objinfo oi;
-    if (fmap_fd_info(ofd, &oi, e) != FMAP_OK) {
+    if ((spec->init && spec->init(spec->init_ctx, ofd, e) != FMAP_OK) ||
+        fmap_fd_info(ofd, &oi, e) != FMAP_OK) {
         if (spec->fd < 0)
             close(ofd);
         reg_unlock(r);

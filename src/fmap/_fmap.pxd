@@ -48,6 +48,8 @@ cdef extern from "c/fmap.h" nogil:
         uint32_t protect
         int populate
         const char *label
+        int (*init)(void *ctx, int fd, fmap_err *e) noexcept nogil
+        void *init_ctx
 
     ctypedef struct fmap_reg:
         pass
