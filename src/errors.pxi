@@ -50,7 +50,8 @@ _CHECK_REASONS = {
     "file opened read-only": (ERROR_ACCESS_DENIED,
                               'a file opened read-only can back only "r" and "c" mappings'),
     "file opened write-only": (ERROR_ACCESS_DENIED, "a file opened write-only cannot be mapped"),
-    "file smaller than size": (ERROR_ACCESS_DENIED,
+    # Windows: STATUS_SECTION_TOO_BIG -> ERROR_NOT_ENOUGH_MEMORY (Wine kernel32/tests/virtual.c)
+    "file smaller than size": (ERROR_NOT_ENOUGH_MEMORY,
                                'the file is smaller than size and only "rw" protection may grow it'),
 }
 

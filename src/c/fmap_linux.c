@@ -234,7 +234,7 @@ int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e)
     if (*size > (uint64_t)st.st_size) {
         /* Windows grows the file only for a read-write section. */
         if (protect != FMAP_A_WRITE)
-            return fail(e, FMAP_ESYS, EACCES, "file smaller than size");
+            return fail(e, FMAP_ESYS, EINVAL, "file smaller than size");
         if (ftruncate(fd, (off_t)*size) != 0)
             return sys_fail(e, "ftruncate");
     }

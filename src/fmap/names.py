@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _fmap
 
+ERROR_PATH_NOT_FOUND = 3
 ERROR_BAD_PATHNAME = 161
 ERROR_FILENAME_EXCED_RANGE = 206
 MAX_NAME_BYTES = 255     # UTF-8 bytes after the namespace prefix
@@ -48,8 +49,11 @@ def _key(name: str) -> bytes:
     if not rest:
         raise _bad(f"invalid name {name!r}: nothing after the namespace", ERROR_BAD_PATHNAME)
     if "\\" in rest:
+        # Windows: "a\\b" is a path into a missing directory (ERROR_PATH_NOT_FOUND),
+        # a leading backslash bad syntax (ERROR_BAD_PATHNAME); Wine ntdll/tests/om.c.
         raise _bad(f"invalid name {name!r}: a backslash may only end a \"Local\\\" or "
-                   "\"Global\\\" prefix", ERROR_BAD_PATHNAME)
+                   "\"Global\\\" prefix",
+                   ERROR_BAD_PATHNAME if rest.startswith("\\") else ERROR_PATH_NOT_FOUND)
     if "\0" in rest:
         raise _bad(f"invalid name {name!r}: names cannot contain NUL", ERROR_BAD_PATHNAME)
     try:

@@ -172,19 +172,21 @@ def MapViewOfFile(hFileMappingObject: _fmap.Mapping, dwDesiredAccess: int,
                            dwFileOffsetLow, dwNumberOfBytesToMap, None)
 
 
-def _view_at(lpBaseAddress: Union[_fmap.View, int], anywhere: bool) -> Optional[_fmap.View]:
+def _view_at(lpBaseAddress: Union[_fmap.View, int]) -> Optional[_fmap.View]:
+    """The open view containing lpBaseAddress (or lpBaseAddress itself, a View)."""
     if isinstance(lpBaseAddress, _fmap.View):
         return None if lpBaseAddress.closed else lpBaseAddress
     with _lock:
         v = _views.get(lpBaseAddress)
-        if v is None and anywhere:
+        if v is None:
             v = next((w for a, w in _views.items() if a <= lpBaseAddress < a + len(w)), None)
     return v
 
 
 def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
-    """Unmap the view that starts at lpBaseAddress (a View or its address)."""
-    v = _view_at(lpBaseAddress, anywhere=False)
+    """Unmap the view at lpBaseAddress (a View, or any address inside it: Windows
+    unmaps the whole view for an interior address, Wine kernel32/tests/virtual.c)."""
+    v = _view_at(lpBaseAddress)
     if v is None:
         SetLastError(ERROR_INVALID_ADDRESS)
         return False
@@ -198,7 +200,7 @@ def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
 
 def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int], dwNumberOfBytesToFlush: int) -> bool:
     """Flush from lpBaseAddress (anywhere in a view) for that many bytes (0 = to the end)."""
-    v = _view_at(lpBaseAddress, anywhere=True)
+    v = _view_at(lpBaseAddress)
     if v is None:
         SetLastError(ERROR_INVALID_ADDRESS)
         return False
@@ -209,7 +211,7 @@ def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int], dwNumberOfBytesToFlus
 
 def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int]) -> bool:
     """fmap's nearest: flush the whole view and wait for the device."""
-    v = _view_at(lpBaseAddress, anywhere=True)
+    v = _view_at(lpBaseAddress)
     if v is None:
         SetLastError(ERROR_INVALID_HANDLE)
         return False
