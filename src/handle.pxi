@@ -152,7 +152,8 @@ cdef class Handle:
 
     def __enter__(self):
         if self.fd < 0:
-            raise ValueError(f"{_TYPE_NAMES[self.otype]} {describe(self.name)} is closed")
+            raise make_error(ValueError, ERROR_INVALID_HANDLE,
+                             f"{_TYPE_NAMES[self.otype]} {describe(self.name)} is closed")
         return self
 
     def __exit__(self, *exc):

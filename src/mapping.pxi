@@ -228,8 +228,9 @@ cdef class Mapping(Handle):
                              f'the {"mapping" if self.protect_ != FMAP_A_WRITE else "handle"} '
                              f'is "{ACCESS_NAMES[self.access_]}"')
         try:
-            off = offset
-            ln = length
+            # operator.index: Cython's conversion would truncate floats (1.5 -> 1)
+            off = _operator.index(offset)
+            ln = _operator.index(length)
         except (OverflowError, TypeError):
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot map mapping {describe(self.name)}: offset and length "
@@ -250,7 +251,7 @@ cdef class Mapping(Handle):
                              f"{describe(self.name)} has {size} bytes")
         if address is not None:
             try:
-                fixed = <void *><uintptr_t>address
+                fixed = <void *><uintptr_t>_operator.index(address)
             except (OverflowError, TypeError):
                 raise make_error(ValueError, ERROR_INVALID_ADDRESS,
                                  f"address must be a non-negative integer, not {address!r}") from None
@@ -287,8 +288,18 @@ def _open_file(path, uint32_t protect, bint create):
     """Open a path for a file-backed mapping; (fd, created).  Errors through the chokepoint."""
     cdef fmap_err e
     cdef int fd = -1, created = 0, rc
-    cdef bytes p = _os.fsencode(path)
-    cdef const char *cp = p
+    cdef bytes p
+    cdef const char *cp
+    try:
+        p = _os.fsencode(path)
+    except UnicodeEncodeError as exc:     # a lone surrogate: no file can have that name
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f"cannot open file {path!r} for a mapping: {exc}") from None
+    if b"\0" in p:      # C would see a shorter path and open another file
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f"cannot open file {_os.fsdecode(path)!r} for a mapping: "
+                         "embedded null byte")
+    cp = p
     with nogil:
         rc = fmap_file_open(cp, protect, create, &fd, &created, &e)
     if rc != FMAP_OK:

@@ -2,6 +2,8 @@
 from cpython.buffer cimport PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.string cimport memcpy
+import operator as _operator
+import sys as _sys
 import weakref as _weakref
 
 cdef object _np = None
@@ -28,6 +30,13 @@ cdef View new_view(char *addr, size_t length, uint64_t offset, uint32_t access, 
     v.is_file = is_file
     v.name = name
     return v
+
+
+cdef tuple slice_indices(slice key, size_t length):
+    """key.indices(length) with the step clamped to fit a Py_ssize_t, as
+    PySlice_Unpack does for bytes: a step of 2**63 selects what sys.maxsize does."""
+    start, stop, step = key.indices(length)
+    return start, stop, max(-_sys.maxsize, min(step, _sys.maxsize))
 
 
 cdef class View:
@@ -162,8 +171,8 @@ cdef class View:
         cdef int rc, w = bool(wait)
         self._check()
         try:
-            off = offset
-            ln = length
+            off = _operator.index(offset)     # no floats: Cython would truncate them
+            ln = _operator.index(length)
         except (OverflowError, TypeError):
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"flush offset and length must be non-negative integers, "
@@ -185,10 +194,16 @@ cdef class View:
         """
         self._check()
         np = numpy()
-        dt = np.dtype(dtype)
         try:
-            off = int(offset)
-        except (TypeError, ValueError):
+            dt = np.dtype(dtype)
+        except SyntaxError as exc:    # NumPy parses "(2," as Python and lets this out
+            raise TypeError(f"data type {dtype!r} not understood: {exc}") from None
+        except ValueError as exc:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"invalid dtype {dtype!r}: {exc}") from None
+        try:
+            off = _operator.index(offset)     # int() would take 1.5 and "16"
+        except TypeError:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"offset must be an integer, not {offset!r}") from None
         if off < 0 or off > self.length_:
@@ -201,13 +216,14 @@ cdef class View:
         if shape is None:
             count = avail // dt.itemsize
         else:
-            if isinstance(shape, int):
-                shape = (shape,)
             try:
-                shape = tuple(int(s) for s in shape)
-            except (TypeError, ValueError):
-                raise make_error(ValueError, ERROR_INVALID_PARAMETER,
-                                 f"shape must be an int or a tuple of ints, not {shape!r}") from None
+                shape = (_operator.index(shape),)
+            except TypeError:
+                try:
+                    shape = tuple([_operator.index(s) for s in shape])
+                except TypeError:
+                    raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                     f"shape must be an int or a tuple of ints, not {shape!r}") from None
             count = 1
             for s in shape:
                 if s < 0:
@@ -219,20 +235,26 @@ cdef class View:
                                  f"an array of shape {shape} and dtype {dt} needs "
                                  f"{count * dt.itemsize} bytes; the view has {avail} "
                                  f"from offset {off}")
-        base = np.frombuffer(self, dtype=dt, count=count, offset=off)
+        try:
+            base = np.frombuffer(self, dtype=dt, count=count, offset=off)
+            # a subarray dtype ("(2,3)i4") adds its own dimensions after the shape
+            out = base if shape is None else base.reshape(shape + dt.shape)
+        except ValueError as exc:    # object dtypes, more dimensions than NumPy allows
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot make an array of dtype {dt} and shape {shape}: {exc}") from None
         if self.arrays is None:
             self.arrays = []
         else:
             self.arrays = [r for r in self.arrays if r() is not None]
         self.arrays.append(_weakref.ref(base))
-        return base if shape is None else base.reshape(shape)
+        return out
 
     # mmap-like indexing: view[i] is an int, view[a:b] bytes.
     def __getitem__(self, key):
         cdef Py_ssize_t i, start, stop, step
         self._check()
         if isinstance(key, slice):
-            start, stop, step = key.indices(self.length_)
+            start, stop, step = slice_indices(key, self.length_)
             if step == 1:
                 return PyBytes_FromStringAndSize(self.addr + start, stop - start if stop > start else 0)
             with memoryview(self) as mv:
@@ -241,6 +263,8 @@ cdef class View:
             i = key
         except TypeError:
             raise TypeError(f"view indices must be integers or slices, not {type(key).__name__}") from None
+        except OverflowError:    # as for list and mmap: an index too big to be one
+            raise IndexError("view index out of range") from None
         if i < 0:
             i += self.length_
         if i < 0 or <size_t>i >= self.length_:
@@ -256,10 +280,18 @@ cdef class View:
             raise make_error(TypeError, ERROR_ACCESS_DENIED,
                              f'view of mapping {describe(self.name)} is read-only ("r")')
         if isinstance(key, slice):
-            start, stop, step = key.indices(self.length_)
+            start, stop, step = slice_indices(key, self.length_)
             if step != 1:
+                # memoryview would refuse other formats and report a wrong
+                # size as ValueError; check as the contiguous case does
+                n = len(range(start, stop, step))
+                with memoryview(value) as src_mv:
+                    data = src_mv.tobytes()
+                if len(data) != n:
+                    raise IndexError(f"view slice assignment is wrong size: {len(data)} bytes "
+                                     f"into a slice of {n}")
                 with memoryview(self) as mv:
-                    mv[key] = value
+                    mv[key] = data
                 return
             n = stop - start if stop > start else 0
             PyObject_GetBuffer(value, &src, PyBUF_SIMPLE)
@@ -280,13 +312,20 @@ cdef class View:
             i = key
         except TypeError:
             raise TypeError(f"view indices must be integers or slices, not {type(key).__name__}") from None
+        except OverflowError:
+            raise IndexError("view index out of range") from None
         if i < 0:
             i += self.length_
         if i < 0 or <size_t>i >= self.length_:
             raise IndexError("view index out of range")
-        if not isinstance(value, int) or not 0 <= value <= 255:
-            raise ValueError(f"a byte is an int in range(256), not {value!r}")
-        self.addr[i] = <char><int>value
+        try:
+            byte = _operator.index(value)     # as mmap: NumPy ints too, not floats
+        except TypeError:
+            raise TypeError(f"a byte is an int in range(256), not {type(value).__name__}") from None
+        if not 0 <= byte <= 255:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"a byte is an int in range(256), not {value!r}")
+        self.addr[i] = <char><int>byte
 
     def __reduce__(self):
         raise TypeError("a View cannot be pickled: pass the Mapping and map it in the other process")

@@ -40,4 +40,47 @@ def shmem_kib():
     raise RuntimeError("no Shmem line in /proc/meminfo")
 
 
-__all__ = ["fmap", "shmem_kib"]
+__all__ = ["fmap", "raises", "shmem_kib"]
+
+
+@pytest.fixture
+def closer():
+    """Register fmap objects (or anything with close()) to close after the test,
+    newest first, so views go before the mappings they came from."""
+    objs = []
+
+    def add(obj):
+        objs.append(obj)
+        return obj
+
+    yield add
+    for obj in reversed(objs):
+        obj.close()
+
+
+class raises:
+    """pytest.raises that also checks fmap's error contract: every OSError and
+    ValueError carries an int `winerror` (DESIGN.md, Errors); `winerror=` pins it.
+
+        with raises(ValueError, winerror=1132, match="offset"): ...
+    """
+
+    def __init__(self, cls, winerror=None, match=None):
+        self._cm = pytest.raises(cls, match=match)
+        self.winerror = winerror
+
+    def __enter__(self):
+        self.info = self._cm.__enter__()
+        return self.info
+
+    def __exit__(self, *exc_info):
+        suppressed = self._cm.__exit__(*exc_info)
+        if not suppressed:
+            return False
+        exc = self.info.value
+        if isinstance(exc, (OSError, ValueError)):
+            code = getattr(exc, "winerror", None)
+            assert isinstance(code, int), f"{exc!r} has no int winerror"
+        if self.winerror is not None:
+            assert exc.winerror == self.winerror, f"{exc!r}: winerror {exc.winerror}"
+        return suppressed

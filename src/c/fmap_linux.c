@@ -274,8 +274,13 @@ int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *o
     proc_fd_path(path, sizeof path, pid, fd);
     int f = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
     if (f < 0) {
-        if (errno == ENOENT || errno == ESRCH)
-            return fail(e, FMAP_EGONE, errno, "open /proc/<pid>/fd");
+        int err = errno;
+        /* ENXIO, EISDIR...: the fd number now names another file (a socket,
+           a directory), so the sender closed ours. */
+        if (err == ENOENT || err == ESRCH ||
+            (stat(path, &st) == 0 && ((uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino)))
+            return fail(e, FMAP_EGONE, err, "open /proc/<pid>/fd");
+        errno = err;
         return sys_fail(e, "open /proc/<pid>/fd");
     }
     if (fstat(f, &st) != 0 || (uint64_t)st.st_dev != dev || (uint64_t)st.st_ino != ino) {
@@ -609,6 +614,8 @@ static int check_dir(const char *dir, int create, int *dirfd, fmap_err *e)
         if (lstat(dir, &st) != 0)
             return sys_fail(e, "runtime directory");
     }
+    if (S_ISLNK(st.st_mode))
+        return fail(e, FMAP_EUNSAFE, ELOOP, "runtime directory is a symbolic link");
     if (!S_ISDIR(st.st_mode))
         return fail(e, FMAP_EUNSAFE, ENOTDIR, "runtime directory is not a directory");
     if (st.st_uid != geteuid())
@@ -854,16 +861,22 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
             }
             close(f);                 /* the fd number was reused: stale record */
             holder_drop(r, ei, hi);
-        } else if (errno == EACCES || errno == EPERM) {
-            int alive = holder_alive(r, ei, hi);
-            if (alive)
-                denied = 1;
-            else
-                holder_drop(r, ei, hi);
         } else if (errno == ENOENT || errno == ESRCH || errno == ENOTDIR) {
             holder_drop(r, ei, hi);   /* the process or its fd is gone */
         } else {
-            return sys_fail(e, "open /proc/<pid>/fd");
+            /* EACCES: another user's process.  ENXIO, EISDIR...: the fd
+               number names another file now (a socket, a directory), as in
+               a child that exec'd after fork: a stale record, not an error. */
+            int err = errno;
+            int alive = holder_alive(r, ei, hi);
+            if (!alive) {
+                holder_drop(r, ei, hi);
+            } else if (alive < 0 || err == EACCES || err == EPERM) {
+                denied = 1;
+            } else {
+                errno = err;
+                return sys_fail(e, "open /proc/<pid>/fd");
+            }
         }
     }
     if (denied)

@@ -5,6 +5,7 @@ checked in this file, before any name is looked up (DESIGN.md contract 1).
 """
 from __future__ import annotations
 
+import errno
 import operator
 import os
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from . import _fmap
 from .names import key_for
 
+ERROR_INVALID_HANDLE = 6
 ERROR_INVALID_PARAMETER = 87
 MAX_SIZE = (1 << 63) - 1
 
@@ -53,7 +55,7 @@ def _file_fd(file: Any, protect: int) -> tuple[int, str | None]:
     if isinstance(file, bool):
         raise TypeError("file must be a path, a file object or an fd, not bool")
     if isinstance(file, int):
-        return _fmap._dup(file), None
+        return _fmap._dup(_fd(file)), None
     if isinstance(file, (str, bytes, os.PathLike)):
         fd, created = _fmap._open_file(file, protect, True)
         return fd, (os.fsdecode(file) if created else None)
@@ -63,7 +65,17 @@ def _file_fd(file: Any, protect: int) -> tuple[int, str | None]:
     flush = getattr(file, "flush", None)
     if flush is not None:
         flush()          # buffered writes belong in the file before it is mapped
-    return _fmap._dup(fileno()), None
+    return _fmap._dup(_fd(fileno())), None
+
+
+def _fd(fd: int) -> int:
+    # The core takes a C int; a number past it is a bad descriptor, not an OverflowError.
+    if not 0 <= fd <= 0x7FFFFFFF:
+        exc = OSError(errno.EBADF, f"cannot use file descriptor {fd} for a mapping: "
+                                   "bad file descriptor")
+        exc.winerror = ERROR_INVALID_HANDLE  # type: ignore[attr-defined]
+        raise exc
+    return fd
 
 
 def create(name: str | None = None, size: int | None = None, *, file: Any = None,
