@@ -23,6 +23,8 @@ ERROR_NO_SYSTEM_RESOURCES = 1450
 ERROR_TIMEOUT = 1460
 ERROR_TOO_MANY_OPEN_FILES = 4
 ERROR_GEN_FAILURE = 31
+ERROR_NOT_OWNER = 288
+ERROR_TOO_MANY_POSTS = 298
 
 _TYPE_NAMES = {FMAP_T_MAPPING: "mapping", FMAP_T_MUTEX: "mutex",
                FMAP_T_SEMAPHORE: "semaphore", FMAP_T_EVENT: "event",
@@ -106,6 +108,12 @@ cdef int raise_err(const fmap_err *e, what) except -1:
     if st == FMAP_EGONE:
         raise make_error(_errno.ENOENT, ERROR_FILE_NOT_FOUND,
                          f"{what}: the process that passed the handle no longer holds it")
+    if st == FMAP_ENOTOWNER:
+        raise make_error(_errno.EPERM, ERROR_NOT_OWNER,
+                         f"{what}: the calling thread does not own it")
+    if st == FMAP_ELIMIT:
+        raise make_error(ValueError, ERROR_TOO_MANY_POSTS,
+                         f"{what}: the count would pass the maximum; it is unchanged")
     # FMAP_ESYS: a system call or a named check failed with errno `sys`.
     if call in _CHECK_REASONS:
         code, reason = _CHECK_REASONS[call]

@@ -24,7 +24,9 @@ enum fmap_status {
     FMAP_EUNSAFE = -8,      /* the runtime directory has a wrong owner, mode or type */
     FMAP_ETIMEOUT = -9,     /* the registry lock was not free within its bound */
     FMAP_EADDRINUSE = -10,  /* map at a fixed address: the range is in use */
-    FMAP_EGONE = -11        /* a handle passed between processes no longer exists */
+    FMAP_EGONE = -11,       /* a handle passed between processes no longer exists */
+    FMAP_ENOTOWNER = -12,   /* release of a mutex the calling thread does not own */
+    FMAP_ELIMIT = -13       /* semaphore release past its maximum count */
 };
 
 typedef struct {
@@ -153,5 +155,76 @@ typedef int (*fmap_reg_visit)(void *ctx, const char *key, size_t keylen,
 int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e);
 /* Test support: counts of live entries and holder records. */
 int fmap_reg_counts(fmap_reg *r, uint32_t *entries, uint32_t *holders, fmap_err *e);
+
+/* ---- synchronization objects (sync_linux.c) ------------------------- */
+/* A Mutex, Semaphore or Event is one page of a memfd, registered under its
+   type like a mapping and laid out by fmap_sync_init before its name is
+   published: a header (magic, version, type, sizes) and the state.  Each
+   handle maps the page once and keeps it mapped while it is open.
+
+   Waits take an absolute CLOCK_MONOTONIC deadline in ns (fmap_clock_ns) and
+   return FMAP_OK when the object was acquired (signalled), or one of: */
+enum fmap_wait {
+    FMAP_WAIT_TIMEOUT = 1,  /* the deadline passed, or a try found it busy */
+    FMAP_WAIT_INTR = 2      /* a signal arrived: check it, then wait again */
+};
+
+#define FMAP_SYNC_OWNED 1u     /* mutex: the creating thread owns it */
+#define FMAP_SYNC_MANUAL 2u    /* event: manual reset */
+#define FMAP_WAIT_MAX 64       /* objects in one wait_any (MAXIMUM_WAIT_OBJECTS) */
+
+typedef struct fmap_sync fmap_sync;   /* the shared page */
+
+/* What create makes; fmap_sync_init's context. */
+typedef struct {
+    uint32_t type;          /* FMAP_T_MUTEX, FMAP_T_SEMAPHORE or FMAP_T_EVENT */
+    uint32_t flags;         /* FMAP_SYNC_* */
+    uint32_t initial;       /* semaphore: count; event: 1 = set */
+    uint32_t maximum;       /* semaphore: maximum count */
+    fmap_sync *page;        /* out: the new object's page, mapped (the handle keeps it) */
+} fmap_syncspec;
+
+/* A snapshot of an object's state, for repr and properties. */
+typedef struct {
+    uint32_t type;
+    uint32_t count, maximum;    /* semaphore */
+    uint32_t set, manual;       /* event */
+    int32_t owner;              /* mutex: the owning thread's id, 0 = none */
+    uint32_t depth;             /* mutex: recursion depth while owned */
+    int mine;                   /* mutex: owned by the calling thread */
+    int abandoned;              /* mutex: its owner died; the next acquirer is told */
+} fmap_syncstate;
+
+size_t fmap_sync_size(void);              /* the memfd size of one object */
+uint64_t fmap_clock_ns(void);             /* CLOCK_MONOTONIC, ns */
+/* fmap_newobj.init for sync objects (ctx: fmap_syncspec); also for unnamed ones. */
+int fmap_sync_init(void *ctx, int fd, fmap_err *e);
+/* Map an existing object's page and check its header against type. */
+int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e);
+/* A closing handle's page: unmapped, unless a thread of this process owns the
+   mutex (glibc's robust list points into it): then kept until it is released. */
+void fmap_sync_unmap(fmap_sync *s);
+/* A page from a create that failed after init: released by us, unmapped. */
+void fmap_sync_discard(fmap_sync *s);
+void fmap_sync_state(fmap_sync *s, fmap_syncstate *st);
+
+/* Acquire (mutex, semaphore) or wait for (event) one object.  *depth: the
+   mutex's recursion depth after acquiring (1 = this call made the caller the
+   owner); *abandoned: the owner died holding it (WAIT_ABANDONED). */
+int fmap_sync_trywait(fmap_sync *s, int *depth, int *abandoned, fmap_err *e);
+/* Spin up to spin_ns trying, then sleep until deadline. */
+int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int *depth,
+                   int *abandoned, fmap_err *e);
+/* The first of n objects (in order) that can be acquired: *index.  Sleeps on
+   every object's change counter (futex_waitv) until deadline. */
+int fmap_sync_try_any(fmap_sync *const *v, int n, int *index, int *depth,
+                      int *abandoned, fmap_err *e);
+int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t deadline,
+                       int *index, int *depth, int *abandoned, fmap_err *e);
+
+int fmap_mutex_release(fmap_sync *s, fmap_err *e);           /* FMAP_ENOTOWNER */
+int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e);   /* FMAP_ELIMIT */
+void fmap_event_set(fmap_sync *s);
+void fmap_event_reset(fmap_sync *s);
 
 #endif

@@ -10,23 +10,31 @@ crash or not; the name goes with the last handle.  See README.md.
 from ._fmap import (
     ALLOCATION_GRANULARITY,
     PAGE_SIZE,
+    Event,
     Handle,
     Mapping,
+    Mutex,
+    Semaphore,
     View,
     WrongTypeError,
     runtime_dir,
 )
 from .mapping import create, open
+from .sync import wait_any
 
 __all__ = [
     "ALLOCATION_GRANULARITY",
     "PAGE_SIZE",
+    "Event",
     "Handle",
     "Mapping",
+    "Mutex",
+    "Semaphore",
     "View",
     "WrongTypeError",
     "create",
     "open",
     "runtime_dir",
+    "wait_any",
 ]
 __version__ = "0.1.0"

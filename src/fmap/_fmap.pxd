@@ -1,7 +1,7 @@
 # The ownership map of the Cython core (src/_fmap.pyx, built as fmap._fmap; Cython
 # finds a module's .pxd by its qualified name, hence here): every C-owned field
 # says what owns it.
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 cdef extern from "c/fmap.h" nogil:
     enum:
@@ -17,6 +17,8 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_ETIMEOUT
         FMAP_EADDRINUSE
         FMAP_EGONE
+        FMAP_ENOTOWNER
+        FMAP_ELIMIT
         FMAP_T_MAPPING
         FMAP_T_MUTEX
         FMAP_T_SEMAPHORE
@@ -95,6 +97,54 @@ cdef extern from "c/fmap.h" nogil:
     int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e)
     int fmap_reg_counts(fmap_reg *r, uint32_t *entries, uint32_t *holders, fmap_err *e)
 
+    # synchronization objects (sync_linux.c)
+    enum:
+        FMAP_WAIT_TIMEOUT
+        FMAP_WAIT_INTR
+        FMAP_SYNC_OWNED
+        FMAP_SYNC_MANUAL
+        FMAP_WAIT_MAX
+
+    ctypedef struct fmap_sync:
+        pass
+
+    ctypedef struct fmap_syncspec:
+        uint32_t type
+        uint32_t flags
+        uint32_t initial
+        uint32_t maximum
+        fmap_sync *page
+
+    ctypedef struct fmap_syncstate:
+        uint32_t type
+        uint32_t count
+        uint32_t maximum
+        uint32_t set
+        uint32_t manual
+        int32_t owner
+        uint32_t depth
+        int mine
+        int abandoned
+
+    size_t fmap_sync_size()
+    uint64_t fmap_clock_ns()
+    int fmap_sync_init(void *ctx, int fd, fmap_err *e) noexcept
+    int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e)
+    void fmap_sync_unmap(fmap_sync *s)
+    void fmap_sync_discard(fmap_sync *s)
+    void fmap_sync_state(fmap_sync *s, fmap_syncstate *st)
+    int fmap_sync_trywait(fmap_sync *s, int *depth, int *abandoned, fmap_err *e)
+    int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int *depth,
+                       int *abandoned, fmap_err *e)
+    int fmap_sync_try_any(fmap_sync **v, int n, int *index, int *depth, int *abandoned,
+                          fmap_err *e)
+    int fmap_sync_wait_any(fmap_sync **v, int n, uint64_t spin_ns, uint64_t deadline,
+                           int *index, int *depth, int *abandoned, fmap_err *e)
+    int fmap_mutex_release(fmap_sync *s, fmap_err *e)
+    int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e)
+    void fmap_event_set(fmap_sync *s)
+    void fmap_event_reset(fmap_sync *s)
+
 
 cdef class Handle:
     # A kernel object this process holds: the Windows HANDLE.
@@ -135,3 +185,31 @@ cdef class View:
 
     cdef int _check(self) except -1
     cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1
+
+
+cdef class SyncHandle(Handle):
+    # Base of Mutex, Semaphore and Event: a handle with the object's shared page.
+    cdef fmap_sync *page           # owned: the object's page, mapped while the handle is open or waited on; NULL once unmapped
+    cdef int waiting               # threads of this process blocked on page without the GIL: the last one unmaps a closed handle's page
+
+    cdef int _unmap(self) except -1
+    cdef int _close_handle(self) except -1
+    cdef str _state(self)
+
+
+cdef class Mutex(SyncHandle):
+    cdef readonly bint abandoned   # the current (or last) ownership began with WAIT_ABANDONED
+
+    cdef str _state(self)
+
+
+cdef class Semaphore(SyncHandle):
+    cdef readonly uint32_t maximum # fixed at creation
+
+    cdef str _state(self)
+
+
+cdef class Event(SyncHandle):
+    cdef readonly bint manual_reset  # fixed at creation
+
+    cdef str _state(self)

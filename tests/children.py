@@ -1,0 +1,151 @@
+"""Child processes for the multi-process tests, every wait bounded.
+
+A hung child fails its test instead of hanging the run: each helper here
+kills what it started when a timeout passes, and says which child and what it
+printed on stderr.
+"""
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TIMEOUT = 30.0   # seconds any one child may take, unless a test says otherwise
+
+
+def _stderr_of(proc):
+    try:
+        return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def run_python(code, timeout=TIMEOUT, **kwargs):
+    """Run `python -c code` to the end; CompletedProcess (bytes).  Fails the
+    test, child killed, when it takes longer than timeout."""
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True,
+                              timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"child did not finish in {timeout} s; stderr:\n"
+                    f"{(exc.stderr or b'').decode(errors='replace')}")
+
+
+class Child:
+    """`python -c code` talking in lines: send() to its stdin, expect() from
+    its stdout.  Every read has a timeout; kill() is SIGKILL."""
+
+    def __init__(self, code, **kwargs):
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        self.pid = self.proc.pid
+        self._buf = b""
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, prefix="", timeout=TIMEOUT):
+        """The child's next line (without the newline); it must start with prefix."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                self.kill()
+                pytest.fail(f"child {self.pid}: no line within {timeout} s; "
+                            f"stderr:\n{_stderr_of(self.proc)}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.wait(5)
+                pytest.fail(f"child {self.pid} exited ({self.proc.returncode}) before "
+                            f"printing a line; stderr:\n{_stderr_of(self.proc)}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        text = line.decode()
+        assert text.startswith(prefix), f"child {self.pid} said {text!r}, expected {prefix!r}..."
+        return text
+
+    def kill(self):
+        """SIGKILL and reap (bounded)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def wait(self, timeout=TIMEOUT):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"child {self.pid} did not exit within {timeout} s")
+
+    def finish(self, timeout=TIMEOUT):
+        """Close its stdin (the usual "you may go" signal), wait, return (rc, stderr)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        rc = self.wait(timeout)
+        return rc, _stderr_of(self.proc)
+
+    def close(self):
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def children():
+    """Start Child processes with children(code); all are killed at teardown."""
+    started = []
+
+    def start(code, **kwargs):
+        c = Child(code, **kwargs)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.close()
+
+
+def join(proc, timeout=TIMEOUT):
+    """Join a multiprocessing.Process; kill it and fail when it overstays."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+        pytest.fail(f"process {proc.pid} did not finish in {timeout} s")
+    return proc.exitcode
+
+
+def wait_pid(pid, timeout=TIMEOUT):
+    """waitpid() with a timeout for an os.fork() child; its exit status.
+    Kills it and fails the test when it overstays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child {pid} did not exit within {timeout} s")
+        time.sleep(0.005)
+
+
+def poll(predicate, timeout=5.0, interval=0.02):
+    """Wait until predicate() is true; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
