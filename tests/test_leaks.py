@@ -1,0 +1,124 @@
+"""Leak loops (psutil tests/test_memleaks.py): many create/map/close cycles
+leave file descriptors, mappings, RSS and the registry where they were."""
+import gc
+import os
+import time
+
+import pytest
+
+import fmap
+from fmap import _fmap
+from children import wait_pid
+
+CYCLES = 100_000
+WARMUP = 5_000
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def map_count():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def rss_kib():
+    """(private RSS, shared RSS) in KiB.  The shared part grows while create
+    walks through registry slots not touched before (the registry file is
+    mapped for good); that is bounded by the registry's size, not a leak."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("RssAnon", "RssFile", "RssShmem"):
+                fields[k] = int(v.split()[0])
+    return fields["RssAnon"] + fields["RssFile"], fields["RssShmem"]
+
+
+def snapshot():
+    gc.collect()
+    private, shared = rss_kib()
+    return {"fds": fd_count(), "maps": map_count(), "rss": private, "shmem": shared,
+            "registry": _fmap.registry_counts()}
+
+
+def cycle(i, name):
+    """One create/map/close, in one of several shapes."""
+    kind = i % 10
+    if kind == 0:                             # an array holds an export, then goes
+        m = fmap.create(name, size=4096)
+        v = m.map()
+        a = v.asarray("uint32", shape=(1024,))
+        a[i % 1024] = i
+        del a
+        v.close()
+        m.close()
+    elif kind == 1:                           # the view outlives its handle
+        m = fmap.create(name, size=4096)
+        v = m.map()
+        m.close()
+        v[1] = 1
+        v.close()
+    elif kind == 2:                           # a second handle by name, a read view
+        with fmap.create(name, size=4096) as m, fmap.open(name, access="r") as o:
+            with o.map() as v:
+                v[0]
+    elif kind == 3:                           # unnamed
+        with fmap.create(size=4096) as u, u.map() as v:
+            with memoryview(v) as mv:
+                mv[0] = 1
+    else:
+        m = fmap.create(name, size=4096)
+        v = m.map()
+        v[0] = 1
+        v.close()
+        m.close()
+
+
+def test_create_map_close_loop_leaks_nothing(name):
+    for i in range(WARMUP):
+        cycle(i, name)
+    before = snapshot()
+    t0 = time.monotonic()
+    for i in range(CYCLES):
+        cycle(i, name)
+    elapsed = time.monotonic() - t0
+    after = snapshot()
+    assert after["fds"] == before["fds"], (before, after)
+    # Python's allocator may map an arena or two; one leaked mapping per cycle
+    # would show as thousands
+    assert abs(after["maps"] - before["maps"]) <= 8, (before, after)
+    # 100 bytes leaked per cycle would be ~10 MiB
+    assert after["rss"] - before["rss"] < 4096, (before, after)
+    registry_kib = os.path.getsize(os.path.join(fmap.runtime_dir(), "registry.v1")) // 1024
+    assert after["shmem"] - before["shmem"] <= registry_kib, (before, after)
+    assert after["registry"] == before["registry"], (before, after)
+    assert elapsed < 60, f"{CYCLES} cycles took {elapsed:.1f} s"
+    with pytest.raises(FileNotFoundError):
+        fmap.open(name)
+
+
+def test_fork_loop_leaves_no_holder_records(name):
+    # Every fork() adds a pending record per named handle for the child to
+    # claim; children that exit (closing or not) must not leave them behind.
+    _fmap.registry_list()
+    baseline = _fmap.registry_counts()
+    handles = [fmap.create(f"{name}-{k}", size=4096) for k in range(3)]
+    with_ours = _fmap.registry_counts()
+    assert with_ours == (baseline[0] + 3, baseline[1] + 3)
+    fds = fd_count()
+    for i in range(60):
+        pid = os.fork()
+        if pid == 0:
+            if i % 2:
+                for h in handles:
+                    h.close()
+            os._exit(0)
+        assert wait_pid(pid, 10) == 0
+    _fmap.registry_list()                  # prunes the records of exited children
+    assert _fmap.registry_counts() == with_ours
+    assert fd_count() == fds
+    for h in handles:
+        h.close()
+    assert _fmap.registry_counts() == baseline
