@@ -41,6 +41,7 @@ _ERRNO_TABLE = {
     _errno.EFBIG: (ERROR_DISK_FULL, "file too large"),
     _errno.EMFILE: (ERROR_TOO_MANY_OPEN_FILES, "too many open files"),
     _errno.ENFILE: (ERROR_TOO_MANY_OPEN_FILES, "too many open files in the system"),
+    _errno.EISDIR: (ERROR_ACCESS_DENIED, "is a directory"),   # CreateFile on a directory
     _errno.EBADF: (ERROR_INVALID_HANDLE, "bad file descriptor"),
     _errno.EINVAL: (ERROR_INVALID_PARAMETER, "invalid argument"),
 }
@@ -111,6 +112,9 @@ cdef int raise_err(const fmap_err *e, what) except -1:
     if st == FMAP_ENOTOWNER:
         raise make_error(_errno.EPERM, ERROR_NOT_OWNER,
                          f"{what}: the calling thread does not own it")
+    if st == FMAP_EBADADDR:
+        raise make_error(ValueError, ERROR_INVALID_ADDRESS,
+                         f"{what}: that address range is outside the process's address space")
     if st == FMAP_ELIMIT:
         raise make_error(ValueError, ERROR_TOO_MANY_POSTS,
                          f"{what}: the count would pass the maximum; it is unchanged")

@@ -94,10 +94,10 @@ cdef class View:
 
     def _holders(self):
         """What still holds exports: for the BufferError message."""
-        arrays = [a for a in (r() for r in (self.arrays or ())) if a is not None]
+        arrays = [d for r, d in (self.arrays or ()) if r() is not None]
         parts = []
         if arrays:
-            shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in arrays[:3])
+            shapes = ", ".join(arrays[:3]) + (", ..." if len(arrays) > 3 else "")
             parts.append(f"{len(arrays)} NumPy array(s) from asarray() ({shapes})")
         others = self.exports - len(arrays)
         if others > 0:
@@ -245,8 +245,9 @@ cdef class View:
         if self.arrays is None:
             self.arrays = []
         else:
-            self.arrays = [r for r in self.arrays if r() is not None]
-        self.arrays.append(_weakref.ref(base))
+            self.arrays = [t for t in self.arrays if t[0]() is not None]
+        # The flat base is what holds the export; the caller's shape names it.
+        self.arrays.append((_weakref.ref(base), f"{dt}{list(out.shape)}"))
         return out
 
     # mmap-like indexing: view[i] is an int, view[a:b] bytes.

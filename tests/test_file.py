@@ -127,8 +127,9 @@ def test_path_with_nul(tmp_path, monkeypatch):
 def test_not_a_regular_file(tmp_path):
     with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
         fmap.create(file=tmp_path, protect="r")
-    with raises(OSError):
-        fmap.create(file=tmp_path)                 # a directory cannot be opened read-write
+    # A directory cannot be opened read-write; CreateFile's code for it is 5.
+    with raises(IsADirectoryError, winerror=5):
+        fmap.create(file=tmp_path)
 
 
 # ---- rule 5: sizes

@@ -581,6 +581,14 @@ def test_fixed_address_invalid(bad, closer):
         m.map(address=bad)
 
 
+@pytest.mark.parametrize("top", [1 << 47, (1 << 47) - G, (1 << 64) - G])
+def test_fixed_address_past_user_space(top, closer):
+    # Past the top of the address space is a bad address (487), not a lack of memory.
+    m = closer(fmap.create(size=G))
+    with raises(ValueError, winerror=ERROR_INVALID_ADDRESS, match="address space"):
+        m.map(address=top)
+
+
 def _rss_kib(address):
     start = f"{address:x}-"
     with open("/proc/self/smaps") as f:

@@ -128,7 +128,10 @@ def test_map_view_ex_address_conflict(name, close_all):
     h = w.CreateFileMapping(PAGING, None, w.PAGE_READWRITE, 0, 65536, name)
     close_all.append(h)
     v = w.MapViewOfFile(h, w.FILE_MAP_WRITE, 0, 0, 0)
-    assert w.MapViewOfFileEx(h, w.FILE_MAP_WRITE, 0, 0, 0, v.address + 0x1000) is None
+    # An address inside the view that is not 64K-aligned (v.address + 0x1000
+    # itself is aligned when the view starts one page below a 64K boundary).
+    inside = v.address + (0x1000 if (v.address + 0x1000) % 65536 else 0x2000)
+    assert w.MapViewOfFileEx(h, w.FILE_MAP_WRITE, 0, 0, 0, inside) is None
     assert w.GetLastError() == w.ERROR_MAPPED_ALIGNMENT
     if v.address % 65536 == 0:
         assert w.MapViewOfFileEx(h, w.FILE_MAP_WRITE, 0, 0, 0, v.address) is None

@@ -26,7 +26,8 @@ enum fmap_status {
     FMAP_EADDRINUSE = -10,  /* map at a fixed address: the range is in use */
     FMAP_EGONE = -11,       /* a handle passed between processes no longer exists */
     FMAP_ENOTOWNER = -12,   /* release of a mutex the calling thread does not own */
-    FMAP_ELIMIT = -13       /* semaphore release past its maximum count */
+    FMAP_ELIMIT = -13,      /* semaphore release past its maximum count */
+    FMAP_EBADADDR = -14     /* map at a fixed address outside the user address space */
 };
 
 typedef struct {

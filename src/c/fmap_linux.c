@@ -45,6 +45,9 @@
 #ifndef F_SEAL_FUTURE_WRITE
 #define F_SEAL_FUTURE_WRITE 0x0010
 #endif
+/* The top of the user address space with 4-level paging (x86_64 TASK_SIZE). */
+#define USER_TOP (((uintptr_t)1 << 47) - 4096)
+
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
@@ -306,6 +309,12 @@ int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
     if (p == MAP_FAILED) {
         if (fixed && errno == EEXIST)
             return fail(e, FMAP_EADDRINUSE, EEXIST, "mmap");
+        /* ENOMEM for a fixed range past the top of the (4-level paging) user
+           address space is a bad address, not a lack of memory.  With 5-level
+           paging such a range maps and never gets here. */
+        if (fixed && errno == ENOMEM &&
+            ((uintptr_t)fixed + length < (uintptr_t)fixed || (uintptr_t)fixed + length > USER_TOP))
+            return fail(e, FMAP_EBADADDR, ENOMEM, "mmap");
         return sys_fail(e, "mmap");
     }
     if (fixed && p != fixed) {   /* a kernel before 4.17 took the address as a hint */

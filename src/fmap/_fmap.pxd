@@ -19,6 +19,7 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_EGONE
         FMAP_ENOTOWNER
         FMAP_ELIMIT
+        FMAP_EBADADDR
         FMAP_T_MAPPING
         FMAP_T_MUTEX
         FMAP_T_SEMAPHORE
@@ -180,7 +181,7 @@ cdef class View:
     cdef bint exposed              # the address left our hands (buffer, address, array)
     cdef Py_ssize_t exports        # buffers handed out and not yet released
     cdef object name               # the mapping's name, for repr and messages
-    cdef list arrays               # weakrefs to asarray() arrays, to name them in BufferError
+    cdef list arrays               # (weakref, description) of asarray() arrays, for BufferError
     cdef object __weakref__
 
     cdef int _check(self) except -1
