@@ -95,6 +95,10 @@ typedef struct {
 /* ---- process --------------------------------------------------------- */
 size_t fmap_page_size(void);
 int fmap_getpid(void);                    /* cached; reset in a forked child */
+/* A process's start time (clock ticks): with its pid, it names one process
+   for good.  *dead: gone or a zombie.  0 when it cannot be read. */
+uint64_t fmap_proc_start(int pid, int *dead);
+uint64_t fmap_self_start(void);           /* ours, cached */
 
 /* ---- objects and views ----------------------------------------------- */
 int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e);
@@ -227,5 +231,76 @@ int fmap_mutex_release(fmap_sync *s, fmap_err *e);           /* FMAP_ENOTOWNER *
 int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e);   /* FMAP_ELIMIT */
 void fmap_event_set(fmap_sync *s);
 void fmap_event_reset(fmap_sync *s);
+
+/* ---- channels (channel_linux.c) -------------------------------------- */
+/* A Channel is a memfd registered under FMAP_T_CHANNEL: a header (magic,
+   version, sizes, cursors, futex words, participant records) and a ring of
+   `capacity` slots, each carrying one message of up to `msg_size` bytes.
+   Producers and consumers claim slots with compare-and-swap on the slot's
+   own state word, which names the claimer, so a process that dies holding a
+   slot is found and its slot given back (see channel_linux.c). */
+#define FMAP_CHAN_PARTS 1024        /* processes attached at once */
+#define FMAP_CHAN_MAX_CAPACITY (1u << 24)
+#define FMAP_CHAN_CLOSED 3          /* wait result: closed (send), closed and drained (receive) */
+
+typedef struct fmap_chan fmap_chan;   /* the shared header */
+
+typedef struct {
+    uint64_t capacity;      /* slots, a power of two */
+    uint64_t msg_size;      /* largest message, bytes */
+} fmap_chanspec;
+
+/* One process's view of a channel; lives in the core's ChanMap object. */
+typedef struct {
+    fmap_chan *h;           /* owned: the whole object, mapped */
+    char *slots;            /* first slot */
+    size_t maplen;
+    uint64_t capacity, mask, msg_size, stride;
+    uint32_t part;          /* our participant record */
+    int pid;                /* the process that holds `part` (a forked child rejoins) */
+    uint64_t spin_cur;      /* adaptive spin budget, ns */
+    uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
+} fmap_chanmap;
+
+typedef struct {
+    uint64_t head, tail;    /* positions: messages claimed by producers, by consumers */
+    uint32_t closed;
+    uint32_t parts;         /* participant records in use */
+    uint32_t consumers_sleeping, producers_sleeping;
+} fmap_chanstate;
+
+/* The object's size; 0 when capacity or msg_size is out of range. */
+uint64_t fmap_chan_size(uint64_t capacity, uint64_t msg_size);
+/* fmap_newobj.init for channels (ctx: fmap_chanspec). */
+int fmap_chan_init(void *ctx, int fd, fmap_err *e);
+/* Map a channel, check its header, take a participant record. */
+int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e);
+/* Give the record back and unmap. */
+void fmap_chan_unmap(fmap_chanmap *m);
+void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st);
+
+/* Claim a slot to write (producer) or a message to read (consumer).
+   spin_max: ns of adaptive spinning before sleeping; deadline: absolute
+   CLOCK_MONOTONIC ns (0 = try once).  FMAP_OK, FMAP_WAIT_TIMEOUT,
+   FMAP_WAIT_INTR, FMAP_CHAN_CLOSED, or an error.  n: how many consecutive
+   slots or messages to claim at most; *got: how many were. */
+int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
+                      uint64_t *pos, uint32_t *got, fmap_err *e);
+int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
+                   uint64_t *pos, uint32_t *got, fmap_err *e);
+/* A slot's payload, and its message's length and kind (consumer side). */
+char *fmap_chan_payload(fmap_chanmap *m, uint64_t pos);
+uint64_t fmap_chan_length(fmap_chanmap *m, uint64_t pos, uint32_t *kind);
+/* Publish reserved slots pos..pos+n-1, each with its length (and kind). */
+void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind);
+void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n);
+/* Give a reserved slot back unsent (consumers skip it). */
+void fmap_chan_discard(fmap_chanmap *m, uint64_t pos);
+/* Give a read slot back to the producers.  0, or -1 when the slot was no
+   longer ours (this process was taken for dead: never, while it lives). */
+int fmap_chan_release(fmap_chanmap *m, uint64_t pos);
+void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n);
+/* End of stream: senders fail from now on, receivers drain and then fail. */
+void fmap_chan_close(fmap_chanmap *m);
 
 #endif

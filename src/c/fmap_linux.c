@@ -103,32 +103,55 @@ int fmap_getpid(void)
     return pid;
 }
 
-/* Field 22 of /proc/self/stat: recorded with each holder for diagnostics. */
-static uint64_t start_time(void)
+/* Field 22 of /proc/<pid>/stat, the process's start time in clock ticks: with
+   the pid it names one process for good (pids are reused, start times not).
+   *dead is set when the process is gone or a zombie.  Returns 0 when it
+   cannot be read (gone, or not ours to read: then *dead stays 0). */
+uint64_t fmap_proc_start(int pid, int *dead)
 {
-    uint64_t st = g_start;
-    if (st)
-        return st;
-    char buf[1024];
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    char buf[1024], path[32];
+    *dead = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        *dead = errno == ENOENT || errno == ESRCH;
         return 0;
+    }
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
-    if (n <= 0)
+    if (n <= 0) {
+        *dead = n == 0 || errno == ESRCH;
         return 0;
+    }
     buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p)
+    char *p = strrchr(buf, ')');    /* the command name may hold anything but this last ')' */
+    if (!p || p[1] != ' ')
         return 0;
+    /* field 3, the state: a zombie holds nothing any more */
+    *dead = p[2] == 'Z' || p[2] == 'X' || p[2] == 'x';
     /* after ") " come fields 3..; the start time is field 22 */
     int field = 2;
     for (p++; *p && field < 22; p++)
         if (*p == ' ')
             field++;
-    st = strtoull(p, NULL, 10);
+    return strtoull(p, NULL, 10);
+}
+
+/* Our own start time, recorded with each holder and channel participant. */
+static uint64_t start_time(void)
+{
+    uint64_t st = g_start;
+    int dead;
+    if (st)
+        return st;
+    st = fmap_proc_start(fmap_getpid(), &dead);
     g_start = st;
     return st;
+}
+
+uint64_t fmap_self_start(void)
+{
+    return start_time();
 }
 
 static uint64_t now_ns(void)

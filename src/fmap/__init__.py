@@ -10,9 +10,12 @@ crash or not; the name goes with the last handle.  See README.md.
 from ._fmap import (
     ALLOCATION_GRANULARITY,
     PAGE_SIZE,
+    Channel,
+    EndOfStream,
     Event,
     Handle,
     Mapping,
+    Message,
     Mutex,
     Semaphore,
     View,
@@ -21,13 +24,17 @@ from ._fmap import (
 )
 from .mapping import create, open
 from .sync import wait_any
+from . import channel as _channel  # noqa: F401  (Channel.create / .open)
 
 __all__ = [
     "ALLOCATION_GRANULARITY",
     "PAGE_SIZE",
+    "Channel",
+    "EndOfStream",
     "Event",
     "Handle",
     "Mapping",
+    "Message",
     "Mutex",
     "Semaphore",
     "View",

@@ -146,6 +146,50 @@ cdef extern from "c/fmap.h" nogil:
     void fmap_event_set(fmap_sync *s)
     void fmap_event_reset(fmap_sync *s)
 
+    # channels (channel_linux.c)
+    enum:
+        FMAP_CHAN_PARTS
+        FMAP_CHAN_MAX_CAPACITY
+        FMAP_CHAN_CLOSED
+
+    ctypedef struct fmap_chan:
+        pass
+
+    ctypedef struct fmap_chanspec:
+        uint64_t capacity
+        uint64_t msg_size
+
+    ctypedef struct fmap_chanmap:
+        fmap_chan *h
+        uint64_t capacity
+        uint64_t msg_size
+
+    ctypedef struct fmap_chanstate:
+        uint64_t head
+        uint64_t tail
+        uint32_t closed
+        uint32_t parts
+        uint32_t consumers_sleeping
+        uint32_t producers_sleeping
+
+    uint64_t fmap_chan_size(uint64_t capacity, uint64_t msg_size)
+    int fmap_chan_init(void *ctx, int fd, fmap_err *e) noexcept
+    int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e)
+    void fmap_chan_unmap(fmap_chanmap *m)
+    void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st)
+    int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
+                          uint64_t *pos, uint32_t *got, fmap_err *e)
+    int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
+                       uint64_t *pos, uint32_t *got, fmap_err *e)
+    char *fmap_chan_payload(fmap_chanmap *m, uint64_t pos)
+    uint64_t fmap_chan_length(fmap_chanmap *m, uint64_t pos, uint32_t *kind)
+    void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
+    void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n)
+    void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
+    int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
+    void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n)
+    void fmap_chan_close(fmap_chanmap *m)
+
 
 cdef class Handle:
     # A kernel object this process holds: the Windows HANDLE.
@@ -214,3 +258,39 @@ cdef class Event(SyncHandle):
     cdef readonly bint manual_reset  # fixed at creation
 
     cdef str _state(self)
+
+
+cdef class ChanMap:
+    cdef fmap_chanmap m            # owned: the channel mapped and our participant record; unmapped at dealloc
+    cdef object name               # the channel's name, for messages
+
+
+cdef class Message:
+    # A channel slot lent out: reserved to write, or received to read.
+    cdef ChanMap cm                # keeps the slot's memory mapped while the message is in hand
+    cdef char *addr                # the message's bytes in the slot; NULL once given back
+    cdef uint64_t pos              # the slot's position in the ring
+    cdef size_t length_
+    cdef int pid                   # the process that claimed the slot: only it gives it back
+    cdef uint32_t kind
+    cdef bint writing              # reserved (sent or discarded at the end), or received (released)
+    cdef bint writable             # buffers are writable
+    cdef bint finishing            # received and done with: given back at the last buffer release
+    cdef Py_ssize_t exports        # buffers handed out and not yet released
+
+    cdef int _check(self) except -1
+    cdef void _give_back(self) noexcept
+    cdef void _discard(self) noexcept
+
+
+cdef class Channel(Handle):
+    cdef ChanMap cm                # the mapping while the handle is open; None once closed
+    cdef readonly uint64_t capacity       # slots: messages in flight at most
+    cdef readonly uint64_t message_size   # largest message, bytes
+    cdef uint64_t spin_ns          # spin budget of this handle's waits
+
+    cdef ChanMap _map(self)
+    cdef int _close_handle(self) except -1
+    cdef uint32_t _claim(self, ChanMap cm, bint produce, uint32_t n, object timeout,
+                         uint64_t *pos) except 0
+    cdef int _too_big(self, uint64_t n, str what) except -1

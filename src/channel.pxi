@@ -1,0 +1,835 @@
+# Channel: a multi-producer multi-consumer message queue in shared memory
+# (src/c/channel_linux.c), and Message, a slot lent out for writing or
+# reading in place.  Names, lifetime and fork() come from Handle; waiting
+# (timeouts, GIL-free slices with signal checks) follows sync.pxi.
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memcpy
+
+# ReadFile on a pipe whose writers are gone: ERROR_BROKEN_PIPE; WriteFile on
+# a pipe being closed: ERROR_NO_DATA.
+ERROR_BROKEN_PIPE = 109
+ERROR_NO_DATA = 232
+
+CHANNEL_MAX_CAPACITY = FMAP_CHAN_MAX_CAPACITY
+CHANNEL_MAX_PROCESSES = FMAP_CHAN_PARTS
+
+cdef uint32_t KIND_BYTES = 0
+cdef uint32_t KIND_ARRAY = 1
+cdef uint32_t BATCH = 64           # slots claimed at once by send_many / recv_many
+cdef double DEFAULT_SPIN_US = 50.0
+# An array message: its description, then its data at ARRAY_ALIGN.
+#   u32 ndim | u32 dtype length | dtype.str (up to 24 bytes) | ndim x u64 shape
+cdef size_t ARRAY_META = 32
+cdef size_t ARRAY_ALIGN = 64
+cdef int ARRAY_MAX_DIMS = 32
+
+
+class EndOfStream(EOFError):
+    """The channel was closed and every message sent before has been received.
+    `winerror` is 109 (ERROR_BROKEN_PIPE, what ReadFile says when a pipe's
+    writers are gone)."""
+    winerror = ERROR_BROKEN_PIPE
+
+
+cdef class ChanMap:
+    """One process's mapping of a channel: shared by its Channel handle and
+    the Messages lent out, so the memory stays mapped while a slot is in use."""
+
+    def __dealloc__(self):
+        fmap_chan_unmap(&self.m)
+
+
+cdef inline size_t array_meta_size(int ndim) noexcept:
+    cdef size_t n = ARRAY_META + 8 * <size_t>ndim
+    return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
+
+
+cdef dict _dtypes = {}
+
+
+cdef object dtype_of(bytes code):
+    dt = _dtypes.get(code)
+    if dt is None:
+        dt = numpy().dtype(code.decode("ascii"))
+        _dtypes[code] = dt
+    return dt
+
+
+cdef class Message:
+    """A message slot lent out by Channel.reserve() (to write in place) or
+    Channel.receive() / recv_array() (to read in place).
+
+    The buffer protocol gives the message's bytes (writable when reserved,
+    read-only when received); `asarray(dtype, shape)` a NumPy view of them.
+    A reserved message is sent when its `with` block ends without an
+    exception (discarded otherwise); a received message's slot goes back to
+    the producers when its `with` block ends and every buffer taken from it
+    has been released.
+    """
+    def __init__(self, *args, **kwargs):
+        raise TypeError("Message objects come from Channel.reserve() and Channel.receive()")
+
+    cdef int _check(self) except -1:
+        if self.addr == NULL:
+            raise make_error(ValueError, ERROR_INVALID_HANDLE,
+                             f"the message of channel {describe(self.cm.name)} is no longer "
+                             "in hand (its with block ended)")
+        return 0
+
+    cdef void _give_back(self) noexcept:
+        # Received: the slot goes back to producers.  Only the claiming process
+        # may: a forked child's copy of a Message never touches the parent's slot.
+        if self.addr == NULL:
+            return
+        self.addr = NULL
+        if self.pid == fmap_getpid():
+            fmap_chan_release(&self.cm.m, self.pos)
+            fmap_chan_wake_producers(&self.cm.m, 1)
+
+    cdef void _discard(self) noexcept:
+        if self.addr == NULL:
+            return
+        self.addr = NULL
+        if self.pid == fmap_getpid():
+            fmap_chan_discard(&self.cm.m, self.pos)
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        self._check()
+        if (flags & PyBUF_WRITABLE) and not self.writable:
+            raise BufferError("a received message is read-only")
+        PyBuffer_FillInfo(buf, self, self.addr, self.length_, not self.writable, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self.exports -= 1
+        if self.exports == 0 and self.finishing:
+            self._give_back()
+
+    def __len__(self):
+        return self.length_
+
+    @property
+    def nbytes(self):
+        """The message's length in bytes."""
+        return self.length_
+
+    @property
+    def in_hand(self):
+        """True while the message can be used (its with block has not ended)."""
+        return self.addr != NULL
+
+    def __getitem__(self, index):
+        self._check()
+        return memoryview(self)[index]
+
+    def __setitem__(self, index, value):
+        self._check()
+        if not self.writable:
+            raise TypeError("a received message is read-only")
+        with memoryview(self) as mv:
+            mv[index] = value
+
+    def tobytes(self):
+        """A copy of the message's bytes."""
+        self._check()
+        return PyBytes_FromStringAndSize(self.addr, self.length_)
+
+    def asarray(self, dtype="uint8", shape=None):
+        """A NumPy array over the message, zero copy (read-only when received).
+        shape None = as many items as fit."""
+        self._check()
+        np = numpy()
+        dt = np.dtype(dtype)
+        if dt.itemsize == 0 or dt.hasobject:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot view a message as dtype {dt}")
+        if shape is None:
+            return np.frombuffer(self, dtype=dt, count=self.length_ // dt.itemsize)
+        shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+        count = 1
+        for s in shape:
+            count *= _operator.index(s)
+            if s < 0:
+                raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                 f"shape {shape} has a negative dimension")
+        if count * dt.itemsize > self.length_:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"an array of shape {shape} and dtype {dt} needs "
+                             f"{count * dt.itemsize} bytes; the message has {self.length_}")
+        return np.frombuffer(self, dtype=dt, count=count).reshape(shape)
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.addr == NULL:
+            return False
+        if self.writing:
+            if exc_type is not None:
+                self._discard()
+                return False
+            if self.exports:
+                n = self.exports
+                self._discard()
+                raise BufferError(
+                    f"the reserved message was not sent: {n} buffer(s) taken from it "
+                    "(a memoryview or array) are still alive, and could write into it "
+                    "after it is sent; release them inside the with block")
+            fmap_chan_commit(&self.cm.m, self.pos, self.length_, self.kind)
+            fmap_chan_wake_consumers(&self.cm.m, 1)
+            self.addr = NULL
+            return False
+        if self.exports:
+            self.finishing = True     # given back at the last release
+        else:
+            self._give_back()
+        return False
+
+    def __dealloc__(self):
+        if self.writing:
+            self._discard()
+        else:
+            self._give_back()
+
+    def __repr__(self):
+        state = "in hand" if self.addr != NULL else "done"
+        kind = "reserved" if self.writing else "received"
+        return f"<fmap.Message {kind} {self.length_} bytes of channel {describe(self.cm.name)} {state}>"
+
+
+cdef Message new_message(ChanMap cm, uint64_t pos, size_t length, uint32_t kind, bint writing):
+    cdef Message msg = Message.__new__(Message)
+    msg.cm = cm
+    msg.pos = pos
+    msg.addr = fmap_chan_payload(&cm.m, pos)
+    msg.length_ = length
+    msg.kind = kind
+    msg.pid = fmap_getpid()
+    msg.writing = writing
+    msg.writable = writing
+    return msg
+
+
+cdef class Channel(Handle):
+    """A message queue between any number of producer and consumer processes,
+    in shared memory (named or unnamed, in the namespace of mappings).
+
+    Every message is delivered once, to one consumer, intact; each producer's
+    messages arrive in the order it sent them.  A full channel blocks senders
+    (backpressure), an empty one blocks receivers; every wait takes a timeout
+    in seconds (None = forever, 0 = do not wait; TimeoutError, winerror 1460,
+    when it passes), releases the GIL and is interruptible by Ctrl-C.
+
+    Waiting spins first, for up to `spin` microseconds (adaptively: less
+    while spinning does not pay), then sleeps on a futex, so a busy pipeline
+    never enters the kernel and an idle one uses no CPU.
+
+    Crashes: a producer killed while writing a message (in reserve() or
+    send()) loses that message, never delivered in part; a consumer killed
+    while holding a received message (receive(), recv_array()) loses that
+    one message (it is not delivered again).  Either way the slot is given
+    back and nothing blocks for longer than a few tens of milliseconds.
+
+    close() ends the stream: senders get BrokenPipeError (winerror 232) from
+    then on, receivers get every message sent before and then
+    fmap.EndOfStream.  `with channel:` calls close() at its end; detach()
+    closes only this handle (CloseHandle), leaving the stream open.
+    """
+    @classmethod
+    def create(cls, name=None, capacity=64, *, message_size=65536, exclusive=False):
+        """Create a channel, or open it if the name exists.  See fmap.channel.create."""
+        return _shim["create_channel"](name, capacity, message_size=message_size,
+                                       exclusive=exclusive)
+
+    @classmethod
+    def open(cls, name):
+        """Open an existing named channel."""
+        return _shim["open_channel"](name)
+
+    cdef ChanMap _map(self):
+        """The mapping, for the length of a call (a close() in another thread
+        drops the handle's reference, not the caller's)."""
+        if self.fd < 0:
+            check_open(self)
+        return self.cm
+
+    cdef int _close_handle(self) except -1:
+        try:
+            Handle._close_handle(self)
+        finally:
+            self.cm = None     # unmapped once no Message of it is in hand either
+        return 0
+
+    # ---- waiting ----------------------------------------------------------
+
+    cdef uint32_t _claim(self, ChanMap cm, bint produce, uint32_t n, object timeout,
+                         uint64_t *pos) except 0:
+        """Claim up to n slots (produce) or messages: how many; raises on timeout,
+        end of stream and errors."""
+        cdef fmap_err e
+        cdef uint32_t got = 0
+        cdef int rc
+        cdef int64_t t = -1
+        cdef uint64_t now, end, until, spin = self.spin_ns
+        if timeout is not None:
+            t = parse_timeout(timeout)
+        if produce:
+            rc = fmap_chan_reserve(&cm.m, n, spin, 0, pos, &got, &e)
+        else:
+            rc = fmap_chan_take(&cm.m, n, spin, 0, pos, &got, &e)
+        if rc == FMAP_WAIT_TIMEOUT:
+            if t != 0:
+                now = fmap_clock_ns()
+                end = FOREVER if t < 0 else now + <uint64_t>t
+                while True:
+                    until = now + SLICE_NS
+                    if until > end:
+                        until = end
+                    with nogil:
+                        if produce:
+                            rc = fmap_chan_reserve(&cm.m, n, spin, until, pos, &got, &e)
+                        else:
+                            rc = fmap_chan_take(&cm.m, n, spin, until, pos, &got, &e)
+                    if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
+                        break
+                    spin = 0
+                    PyErr_CheckSignals()
+                    if self.fd < 0:
+                        raise make_error(ValueError, ERROR_INVALID_HANDLE,
+                                         f"channel {describe(self.name)} was closed while "
+                                         "a wait on it was blocked")
+                    now = fmap_clock_ns()
+                    if now >= end:
+                        break
+        if rc == FMAP_OK:
+            return got
+        if rc == FMAP_WAIT_TIMEOUT or rc == FMAP_WAIT_INTR:
+            raise make_error(TimeoutError, ERROR_TIMEOUT,
+                             f"channel {describe(self.name)}: "
+                             + ("no free slot" if produce else "no message")
+                             + f" within {timeout} seconds")
+        if rc == FMAP_CHAN_CLOSED:
+            if produce:
+                raise make_error(BrokenPipeError, ERROR_NO_DATA,
+                                 f"cannot send on channel {describe(self.name)}: it was closed")
+            raise EndOfStream(f"channel {describe(self.name)} was closed and every message "
+                              "sent before has been received")
+        raise_err(&e, lambda: f"cannot use channel {describe(self.name)}")
+
+    cdef int _too_big(self, uint64_t n, str what) except -1:
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f"cannot send {what} of {n} bytes on channel {describe(self.name)}: "
+                         f"its messages hold at most {self.message_size} bytes")
+
+    # ---- bytes ------------------------------------------------------------
+
+    def send(self, data, timeout=None):
+        """Send a copy of data (any bytes-like object) as one message; waits
+        while the channel is full."""
+        cdef Py_buffer view
+        cdef uint64_t pos
+        cdef char *dst
+        cdef const char *src
+        cdef Py_ssize_t n
+        cdef bint have_view = False
+        cdef ChanMap cm = self._map()
+        if type(data) is bytes:
+            src = PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_ANY_CONTIGUOUS)
+            have_view = True
+            src = <const char *>view.buf
+            n = view.len
+        try:
+            if <uint64_t>n > self.message_size:
+                self._too_big(n, "a message")
+            self._claim(cm, True, 1, timeout, &pos)
+            dst = fmap_chan_payload(&cm.m, pos)
+            if <size_t>n >= NOGIL_COPY:
+                with nogil:
+                    memcpy(dst, src, n)
+            else:
+                memcpy(dst, src, n)
+            fmap_chan_commit(&cm.m, pos, n, KIND_BYTES)
+            fmap_chan_wake_consumers(&cm.m, 1)
+        finally:
+            if have_view:
+                PyBuffer_Release(&view)
+
+    def recv(self, timeout=None):
+        """The next message, as bytes (for an array, its data).  Waits while
+        the channel is empty; fmap.EndOfStream once it is closed and drained."""
+        cdef uint64_t pos
+        cdef uint32_t kind
+        cdef size_t n, skip = 0
+        cdef char *src
+        cdef ChanMap cm = self._map()
+        self._claim(cm, False, 1, timeout, &pos)
+        src = fmap_chan_payload(&cm.m, pos)
+        n = fmap_chan_length(&cm.m, pos, &kind)
+        if kind == KIND_ARRAY:
+            skip = array_data_offset(src, n)
+        try:
+            out = PyBytes_FromStringAndSize(src + skip, n - skip)
+        finally:
+            fmap_chan_release(&cm.m, pos)
+            fmap_chan_wake_producers(&cm.m, 1)
+        return out
+
+    def send_many(self, messages, timeout=None):
+        """Send every message of an iterable of bytes-like objects, claiming
+        slots in batches; returns how many were sent.  timeout bounds each
+        wait for free slots; TimeoutError (with `sent`, the count that went)
+        when one passes."""
+        cdef Py_buffer view
+        cdef uint64_t pos
+        cdef uint32_t got, i
+        cdef Py_ssize_t n, sent = 0
+        cdef const char *src
+        cdef bint have_view
+        cdef ChanMap cm = self._map()
+        items = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        total = len(items)
+        while sent < total:
+            want = total - sent
+            try:
+                got = self._claim(cm, True, BATCH if want > BATCH else want, timeout, &pos)
+            except TimeoutError as exc:
+                exc.sent = sent
+                raise
+            i = 0
+            try:
+                while i < got:
+                    item = items[sent]
+                    have_view = False
+                    if type(item) is bytes:
+                        src = PyBytes_AS_STRING(item)
+                        n = PyBytes_GET_SIZE(item)
+                    else:
+                        PyObject_GetBuffer(item, &view, PyBUF_ANY_CONTIGUOUS)
+                        have_view = True
+                        src = <const char *>view.buf
+                        n = view.len
+                    try:
+                        if <uint64_t>n > self.message_size:
+                            self._too_big(n, f"message {sent}")
+                        memcpy(fmap_chan_payload(&cm.m, pos + i), src, n)
+                    finally:
+                        if have_view:
+                            PyBuffer_Release(&view)
+                    fmap_chan_commit(&cm.m, pos + i, n, KIND_BYTES)
+                    i += 1
+                    sent += 1
+            finally:
+                while i < got:           # an item failed: give its slot and the rest back
+                    fmap_chan_discard(&cm.m, pos + i)
+                    i += 1
+                fmap_chan_wake_consumers(&cm.m, got)
+        return sent
+
+    def recv_many(self, max_count=BATCH, timeout=None):
+        """Up to max_count messages that are there (at least one: waits for
+        it), as a list of bytes.  fmap.EndOfStream once closed and drained."""
+        cdef uint64_t pos
+        cdef uint32_t got, i, kind
+        cdef size_t n, skip
+        cdef char *src
+        cdef Py_ssize_t want
+        cdef ChanMap cm = self._map()
+        want = _operator.index(max_count)
+        if want < 1:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"max_count must be at least 1, not {want}")
+        if want > FMAP_CHAN_MAX_CAPACITY:
+            want = FMAP_CHAN_MAX_CAPACITY
+        got = self._claim(cm, False, <uint32_t>want, timeout, &pos)
+        out = [None] * got
+        i = 0
+        try:
+            while i < got:
+                src = fmap_chan_payload(&cm.m, pos + i)
+                n = fmap_chan_length(&cm.m, pos + i, &kind)
+                skip = array_data_offset(src, n) if kind == KIND_ARRAY else 0
+                out[i] = PyBytes_FromStringAndSize(src + skip, n - skip)
+                fmap_chan_release(&cm.m, pos + i)
+                i += 1
+        finally:
+            while i < got:
+                fmap_chan_release(&cm.m, pos + i)
+                i += 1
+            fmap_chan_wake_producers(&cm.m, got)
+        return out
+
+    # ---- in place ---------------------------------------------------------
+
+    def reserve(self, nbytes, timeout=None):
+        """A Message of nbytes to write in place: `with ch.reserve(n) as buf:`
+        sends it when the block ends, discards it on an exception."""
+        cdef uint64_t pos
+        cdef ChanMap cm = self._map()
+        n = _operator.index(nbytes)
+        if n < 0:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"nbytes must be >= 0, not {n}")
+        if n > self.message_size:
+            self._too_big(n, "a message")
+        self._claim(cm, True, 1, timeout, &pos)
+        return new_message(self.cm, pos, n, KIND_BYTES, True)
+
+    def receive(self, timeout=None):
+        """The next message, in place: `with ch.receive() as buf:` reads it
+        without a copy; its slot goes back when the block ends (or, if a
+        buffer taken from it lives on, when the last one is released)."""
+        cdef uint64_t pos
+        cdef uint32_t kind
+        cdef size_t n, skip = 0
+        cdef ChanMap cm = self._map()
+        self._claim(cm, False, 1, timeout, &pos)
+        n = fmap_chan_length(&cm.m, pos, &kind)
+        if kind == KIND_ARRAY:
+            skip = array_data_offset(fmap_chan_payload(&cm.m, pos), n)
+        msg = new_message(self.cm, pos, n, kind, False)
+        msg.addr += skip
+        msg.length_ -= skip
+        return msg
+
+    # ---- arrays -----------------------------------------------------------
+
+    def send_array(self, arr, timeout=None):
+        """Send a NumPy array (one copy in): dtype and shape travel with it.
+        Object and structured dtypes are refused."""
+        cdef uint64_t pos
+        cdef size_t meta, nbytes
+        cdef char *dst
+        cdef Py_buffer view
+        cdef int ndim, i
+        cdef ChanMap cm = self._map()
+        np = numpy()
+        if type(arr) is not np.ndarray:
+            arr = np.asarray(arr)
+        dt = arr.dtype
+        if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot send an array of dtype {dt}: send_array takes plain "
+                             "numeric, bool, bytes, str and datetime dtypes")
+        code = dt.str.encode("ascii")
+        ndim = arr.ndim
+        if ndim > ARRAY_MAX_DIMS or len(code) > 24:
+            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                             f"cannot send an array of {ndim} dimensions and dtype {dt}")
+        meta = array_meta_size(ndim)
+        nbytes = arr.nbytes
+        if meta + nbytes > self.message_size:
+            self._too_big(meta + nbytes, f"an array ({meta} bytes of description)")
+        self._claim(cm, True, 1, timeout, &pos)
+        dst = fmap_chan_payload(&cm.m, pos)
+        try:
+            (<uint32_t *>dst)[0] = ndim
+            (<uint32_t *>dst)[1] = len(code)
+            memcpy(dst + 8, <char *>code, len(code))
+            shape = arr.shape
+            for i in range(ndim):
+                (<uint64_t *>(dst + ARRAY_META))[i] = shape[i]
+            if arr.flags.c_contiguous:
+                PyObject_GetBuffer(arr, &view, PyBUF_ANY_CONTIGUOUS)
+                try:
+                    if nbytes >= NOGIL_COPY:
+                        with nogil:
+                            memcpy(dst + meta, view.buf, nbytes)
+                    else:
+                        memcpy(dst + meta, view.buf, nbytes)
+                finally:
+                    PyBuffer_Release(&view)
+            else:
+                np.copyto(np.asarray(_SlotBytes.wrap(dst + meta, nbytes)).view(dt)
+                          .reshape(arr.shape), arr, casting="no")
+        except BaseException:
+            fmap_chan_discard(&cm.m, pos)
+            raise
+        fmap_chan_commit(&cm.m, pos, meta + nbytes, KIND_ARRAY)
+        fmap_chan_wake_consumers(&cm.m, 1)
+
+    def recv_array(self, timeout=None):
+        """The next message as a NumPy array that views it in place (no copy;
+        writable, it is this consumer's).  Its slot goes back to the
+        producers when the array and every view of it are gone.  A message
+        sent as bytes comes as a uint8 array."""
+        cdef uint64_t pos
+        cdef uint32_t kind, ndim, codelen
+        cdef size_t n, meta
+        cdef char *src
+        cdef Message msg
+        cdef uint32_t i
+        cdef ChanMap cm = self._map()
+        self._claim(cm, False, 1, timeout, &pos)
+        src = fmap_chan_payload(&cm.m, pos)
+        n = fmap_chan_length(&cm.m, pos, &kind)
+        msg = new_message(self.cm, pos, n, kind, False)
+        msg.writable = True         # the consumer's own: a writable array
+        msg.finishing = True        # given back when the last buffer goes
+        try:
+            np = numpy()
+            if kind != KIND_ARRAY:
+                return np.frombuffer(msg, dtype=np.uint8)
+            meta = array_data_offset(src, n)
+            if meta == 0:
+                raise make_error(ValueError, ERROR_FILE_CORRUPT,
+                                 f"channel {describe(self.name)}: a malformed array message")
+            ndim = (<uint32_t *>src)[0]
+            codelen = (<uint32_t *>src)[1]
+            dt = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
+            shape = tuple([(<uint64_t *>(src + ARRAY_META))[i] for i in range(ndim)])
+            count = (n - meta) // dt.itemsize
+            a = np.frombuffer(msg, dtype=dt, count=count, offset=meta)
+            return a.reshape(shape) if ndim != 1 else a
+        except BaseException:
+            msg.finishing = False
+            msg._give_back()
+            raise
+
+    # ---- the stream -------------------------------------------------------
+
+    def close(self):
+        """End the stream and close this handle.  Idempotent.  Senders (in any
+        process) get BrokenPipeError from now on; receivers get what was sent
+        before, then fmap.EndOfStream."""
+        if self.fd >= 0:
+            fmap_chan_close(&self.cm.m)
+        self._close_handle()
+
+    def detach(self):
+        """Close this handle only (CloseHandle): the stream goes on."""
+        self._close_handle()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def ended(self):
+        """True once the stream was closed (by any process)."""
+        cdef fmap_chanstate st
+        cdef ChanMap cm = self._map()
+        fmap_chan_state(&cm.m, &st)
+        return bool(st.closed)
+
+    def __len__(self):
+        """Messages sent and not yet taken (a snapshot)."""
+        cdef fmap_chanstate st
+        cdef ChanMap cm = self._map()
+        fmap_chan_state(&cm.m, &st)
+        return <Py_ssize_t>(st.head - st.tail) if st.head > st.tail else 0
+
+    @property
+    def spin(self):
+        """Microseconds a wait may spin before sleeping (adaptive up to this;
+        0 = sleep at once).  Per handle."""
+        return self.spin_ns / 1000.0
+
+    @spin.setter
+    def spin(self, value):
+        self.spin_ns = parse_spin(value)
+
+    def stats(self):
+        """A snapshot of the shared state, for diagnostics: a dict of sent
+        (messages claimed by producers), taken (by consumers), pending,
+        ended, processes (attached), and sleeping producers and consumers."""
+        cdef fmap_chanstate st
+        cdef ChanMap cm = self._map()
+        fmap_chan_state(&cm.m, &st)
+        return {"sent": st.head, "taken": st.tail,
+                "pending": st.head - st.tail if st.head > st.tail else 0,
+                "ended": bool(st.closed), "processes": st.parts,
+                "producers_sleeping": st.producers_sleeping,
+                "consumers_sleeping": st.consumers_sleeping}
+
+    def __iter__(self):
+        """Messages as bytes until the end of the stream."""
+        while True:
+            try:
+                yield self.recv()
+            except EndOfStream:
+                return
+
+    def __reduce__(self):
+        check_open(self)
+        return (_channel_unpickle, (self.name, self.key, fmap_getpid(), self.fd,
+                                    self.dev, self.ino))
+
+    def __repr__(self):
+        cdef fmap_chanstate st
+        if self.fd < 0:
+            return f"<fmap.Channel {describe(self.name)} closed>"
+        fmap_chan_state(&self.cm.m, &st)
+        pending = st.head - st.tail if st.head > st.tail else 0
+        return (f"<fmap.Channel {describe(self.name)} capacity={self.capacity} "
+                f"message_size={self.message_size} pending={pending}"
+                f"{' ended' if st.closed else ''} created={self.created} open>")
+
+
+cdef size_t array_data_offset(const char *src, size_t n) noexcept:
+    """Where an array message's data starts; 0 when its description is bad."""
+    cdef uint32_t ndim = (<const uint32_t *>src)[0]
+    cdef uint32_t codelen = (<const uint32_t *>src)[1]
+    cdef size_t meta
+    if n < ARRAY_META or ndim > <uint32_t>ARRAY_MAX_DIMS or codelen > 24 or codelen == 0:
+        return 0
+    meta = array_meta_size(ndim)
+    return meta if meta <= n else 0
+
+
+cdef class _SlotBytes:
+    # A writable buffer over raw slot memory, for np.copyto of a
+    # non-contiguous array; lives only inside send_array.
+    cdef char *addr
+    cdef size_t length
+
+    @staticmethod
+    cdef _SlotBytes wrap(char *addr, size_t length):
+        cdef _SlotBytes b = _SlotBytes.__new__(_SlotBytes)
+        b.addr = addr
+        b.length = length
+        return b
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        PyBuffer_FillInfo(buf, self, self.addr, self.length, 0, flags)
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        pass
+
+
+# ---- creation ---------------------------------------------------------------
+
+cdef Channel new_channel(name, bytes key, int fd, ChanMap cm, const fmap_objinfo *info,
+                         bint created):
+    cdef Channel ch = Channel.__new__(Channel)
+    ch.fd = fd
+    ch.otype = FMAP_T_CHANNEL
+    ch.name = name
+    ch.key = key
+    ch.protect_ = FMAP_A_WRITE
+    ch.access_ = FMAP_A_WRITE
+    ch.dev = info.dev
+    ch.ino = info.ino
+    ch.created = created
+    ch.cm = cm
+    ch.capacity = cm.m.capacity
+    ch.message_size = cm.m.msg_size
+    ch.spin_ns = <uint64_t>(DEFAULT_SPIN_US * 1000)
+    cm.name = name
+    return ch
+
+
+cdef ChanMap map_channel(int fd, fmap_hold *hold, what):
+    """Map a channel; on failure give up the fd and the holder record."""
+    cdef fmap_err e, e2
+    cdef int rc
+    cdef ChanMap cm = ChanMap.__new__(ChanMap)
+    with nogil:
+        rc = fmap_chan_map(fd, &cm.m, &e)
+    if rc != FMAP_OK:
+        if hold != NULL and hold.reg != NULL:
+            fmap_reg_release(hold, &e2)
+        fmap_close_fd(fd)
+        raise_err(&e, what)
+    return cm
+
+
+def _channel_create(name, bytes key, uint64_t capacity, uint64_t message_size, bint exclusive):
+    """The core of Channel.create; the shim has checked the arguments."""
+    cdef fmap_err e
+    cdef fmap_newobj spec
+    cdef fmap_chanspec cs
+    cdef fmap_objinfo info
+    cdef fmap_hold hold
+    cdef int created = 1, rc, fd = -1
+    cdef fmap_reg *reg
+    what = lambda: f"cannot create channel {describe(name)}"
+    cs.capacity = capacity
+    cs.msg_size = message_size
+    label = b"fmap-channel:" + (key[1:200] if key is not None else b"")
+    spec.fd = -1
+    spec.flags = 0
+    spec.size = fmap_chan_size(capacity, message_size)
+    spec.protect = FMAP_A_WRITE
+    spec.populate = 0
+    spec.label = label
+    spec.init = fmap_chan_init
+    spec.init_ctx = &cs
+    if spec.size == 0:
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f"{what()}: capacity {capacity} x message_size {message_size} is too large")
+    hold.reg = NULL
+    if key is None:
+        with nogil:
+            rc = fmap_memfd_new(&spec, &fd, &e)
+            if rc == FMAP_OK:
+                rc = fmap_chan_init(&cs, fd, &e)
+            if rc == FMAP_OK:
+                rc = fmap_fd_info(fd, &info, &e)
+        if rc != FMAP_OK:
+            fmap_close_fd(fd)
+            raise_err(&e, what)
+        return new_channel(None, None, fd, map_channel(fd, NULL, what), &info, True)
+    reg = get_registry(what)
+    cdef const char *k = key
+    cdef size_t klen = len(key)
+    with nogil:
+        rc = fmap_reg_create(reg, k, klen, FMAP_T_CHANNEL, &spec, exclusive, 1, &fd, &info,
+                             &hold, &created, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, what)
+    cm = map_channel(fd, &hold, what)
+    ch = new_channel(name, key, fd, cm, &info, created)
+    ch.hold = hold
+    live_add(ch)
+    return ch
+
+
+def _channel_open(name, bytes key, uint64_t dev=0, uint64_t ino=0):
+    """The core of Channel.open.  dev and ino, when given, must match (unpickling)."""
+    cdef fmap_err e
+    cdef fmap_objinfo info
+    cdef fmap_hold hold
+    cdef int rc, fd = -1
+    what = lambda: f"cannot open channel {describe(name)}"
+    cdef fmap_reg *reg = get_registry(what)
+    cdef const char *k = key
+    cdef size_t klen = len(key)
+    with nogil:
+        rc = fmap_reg_open(reg, k, klen, FMAP_T_CHANNEL, 1, &fd, &info, &hold, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, what)
+    cm = map_channel(fd, &hold, what)
+    ch = new_channel(name, key, fd, cm, &info, False)
+    ch.hold = hold
+    live_add(ch)
+    if dev and (info.dev != dev or info.ino != ino):
+        ch.detach()
+        raise make_error(_errno.ENOENT, ERROR_FILE_NOT_FOUND,
+                         f"{what()}: the channel that was passed is gone; the name now "
+                         "names another object")
+    return ch
+
+
+def _channel_reach(int pid, int fd, uint64_t dev, uint64_t ino):
+    """Open an unnamed channel passed from process pid (unpickling)."""
+    cdef fmap_err e
+    cdef fmap_objinfo info
+    cdef int rc, out = -1
+    what = "cannot open the unnamed channel passed from another process"
+    with nogil:
+        rc = fmap_reach(pid, fd, 1, dev, ino, &out, &e)
+    if rc != FMAP_OK:
+        raise_err(&e, what)
+    info.dev = dev
+    info.ino = ino
+    return new_channel(None, None, out, map_channel(out, NULL, what), &info, False)
+
+
+def _channel_unpickle(name, key, pid, fd, dev, ino):
+    if key is not None:
+        return _channel_open(name, key, dev, ino)
+    return _channel_reach(pid, fd, dev, ino)
