@@ -16,7 +16,9 @@ CHANNEL_MAX_PROCESSES = FMAP_CHAN_PARTS
 
 cdef uint32_t KIND_BYTES = 0
 cdef uint32_t KIND_ARRAY = 1
-cdef uint32_t BATCH = 64           # slots claimed at once by send_many / recv_many
+cdef uint32_t BATCH = 64           # slots claimed at once by send_many; recv_many's default
+cdef uint32_t RECV_CHUNK = 32      # messages recv_many claims at once
+cdef size_t RECV_MANY_BYTES = 65536
 cdef double DEFAULT_SPIN_US = 50.0
 # An array message: its description, then its data at ARRAY_ALIGN.
 #   u32 ndim | u32 dtype length | dtype.str (up to 24 bytes) | ndim x u64 shape
@@ -431,37 +433,53 @@ cdef class Channel(Handle):
         return sent
 
     def recv_many(self, max_count=BATCH, timeout=None):
-        """Up to max_count messages that are there (at least one: waits for
-        it), as a list of bytes.  fmap.EndOfStream once closed and drained."""
+        """Messages that are there, as a list of bytes: at least one (waits
+        for it), at most max_count, and no more than about 64 KiB of them
+        past the first (a larger batch would only make the allocator give
+        the memory back to the system and fault it in again for every
+        batch).  fmap.EndOfStream once closed and drained."""
         cdef uint64_t pos
-        cdef uint32_t got, i, kind
-        cdef size_t n, skip
+        cdef uint32_t got, i, kind, chunk
+        cdef size_t n, skip, total = 0
         cdef char *src
         cdef Py_ssize_t want
+        cdef fmap_err e
+        cdef int rc
         cdef ChanMap cm = self._map()
         want = _operator.index(max_count)
         if want < 1:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"max_count must be at least 1, not {want}")
-        if want > FMAP_CHAN_MAX_CAPACITY:
-            want = FMAP_CHAN_MAX_CAPACITY
-        got = self._claim(cm, False, <uint32_t>want, timeout, &pos)
-        out = [None] * got
-        i = 0
-        try:
-            while i < got:
-                src = fmap_chan_payload(&cm.m, pos + i)
-                n = fmap_chan_length(&cm.m, pos + i, &kind)
-                skip = array_data_offset(src, n) if kind == KIND_ARRAY else 0
-                out[i] = PyBytes_FromStringAndSize(src + skip, n - skip)
-                fmap_chan_release(&cm.m, pos + i)
-                i += 1
-        finally:
-            while i < got:
-                fmap_chan_release(&cm.m, pos + i)
-                i += 1
-            fmap_chan_wake_producers(&cm.m, got)
-        return out
+        out = []
+        chunk = <uint32_t>(want if want < RECV_CHUNK else RECV_CHUNK)
+        got = self._claim(cm, False, chunk, timeout, &pos)
+        while True:
+            i = 0
+            try:
+                while i < got:
+                    src = fmap_chan_payload(&cm.m, pos + i)
+                    n = fmap_chan_length(&cm.m, pos + i, &kind)
+                    skip = array_data_offset(src, n) if kind == KIND_ARRAY else 0
+                    out.append(PyBytes_FromStringAndSize(src + skip, n - skip))
+                    total += n
+                    fmap_chan_release(&cm.m, pos + i)
+                    i += 1
+            finally:
+                while i < got:
+                    fmap_chan_release(&cm.m, pos + i)
+                    i += 1
+                fmap_chan_wake_producers(&cm.m, got)
+            want -= got
+            if want <= 0 or total >= RECV_MANY_BYTES:
+                return out
+            # as many more as fit the bytes left, at the sizes seen so far
+            n = (RECV_MANY_BYTES - total) * <size_t>len(out) // (total + 1) + 1
+            chunk = <uint32_t>(want if <size_t>want < n else n)
+            if chunk > 4096:
+                chunk = 4096
+            rc = fmap_chan_take(&cm.m, chunk, 0, 0, &pos, &got, &e)   # what is there, no wait
+            if rc != FMAP_OK:
+                return out     # none there, or the end of the stream (reported next call)
 
     # ---- in place ---------------------------------------------------------
 
