@@ -628,17 +628,13 @@ cdef class Channel(Handle):
     @property
     def ended(self):
         """True once the stream was closed (by any process)."""
-        cdef fmap_chanstate st
         cdef ChanMap cm = self._map()
-        fmap_chan_state(&cm.m, &st)
-        return bool(st.closed)
+        return bool(fmap_chan_ended(&cm.m))
 
     def __len__(self):
         """Messages sent and not yet taken (a snapshot)."""
-        cdef fmap_chanstate st
         cdef ChanMap cm = self._map()
-        fmap_chan_state(&cm.m, &st)
-        return <Py_ssize_t>(st.head - st.tail) if st.head > st.tail else 0
+        return <Py_ssize_t>fmap_chan_pending(&cm.m)
 
     @property
     def spin(self):
@@ -677,14 +673,13 @@ cdef class Channel(Handle):
                                     self.dev, self.ino))
 
     def __repr__(self):
-        cdef fmap_chanstate st
         if self.fd < 0:
             return f"<fmap.Channel {describe(self.name)} closed>"
-        fmap_chan_state(&self.cm.m, &st)
-        pending = st.head - st.tail if st.head > st.tail else 0
+        pending = fmap_chan_pending(&self.cm.m)
+        ended = " ended" if self.ended else ""
         return (f"<fmap.Channel {describe(self.name)} capacity={self.capacity} "
-                f"message_size={self.message_size} pending={pending}"
-                f"{' ended' if st.closed else ''} created={self.created} open>")
+                f"message_size={self.message_size} pending={pending}{ended} "
+                f"created={self.created} open>")
 
 
 cdef size_t array_data_offset(const char *src, size_t n) noexcept:

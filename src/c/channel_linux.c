@@ -433,7 +433,18 @@ void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st)
     st->producers_sleeping = __atomic_load_n(&h->space.sleepers, __ATOMIC_RELAXED);
     st->parts = 0;
     for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++)
-        st->parts += __atomic_load_n(&h->parts[i].pid, __ATOMIC_RELAXED) != 0;
+        st->parts += __atomic_load_n(&h->parts[i].pid, __ATOMIC_RELAXED) != 0 && !part_dead(h, i);
+}
+
+int fmap_chan_ended(fmap_chanmap *m)
+{
+    return (int)__atomic_load_n(&m->h->closed, __ATOMIC_SEQ_CST);
+}
+
+uint64_t fmap_chan_pending(fmap_chanmap *m)
+{
+    uint64_t tl = load64(&m->h->tail), hd = load64(&m->h->head);
+    return hd > tl ? hd - tl : 0;
 }
 
 /* ---- claiming ----------------------------------------------------------- */

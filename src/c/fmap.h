@@ -265,7 +265,7 @@ typedef struct {
 typedef struct {
     uint64_t head, tail;    /* positions: messages claimed by producers, by consumers */
     uint32_t closed;
-    uint32_t parts;         /* participant records in use */
+    uint32_t parts;         /* processes attached (records of live processes) */
     uint32_t consumers_sleeping, producers_sleeping;
 } fmap_chanstate;
 
@@ -277,7 +277,10 @@ int fmap_chan_init(void *ctx, int fd, fmap_err *e);
 int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e);
 /* Give the record back and unmap. */
 void fmap_chan_unmap(fmap_chanmap *m);
+/* A snapshot; `parts` counts live processes (a /proc read for each other one). */
 void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st);
+uint64_t fmap_chan_pending(fmap_chanmap *m);
+int fmap_chan_ended(fmap_chanmap *m);          /* closed: the end of the stream */   /* claimed by producers, not yet by consumers */
 
 /* Claim a slot to write (producer) or a message to read (consumer).
    spin_max: ns of adaptive spinning before sleeping; deadline: absolute

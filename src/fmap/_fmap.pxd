@@ -177,6 +177,8 @@ cdef extern from "c/fmap.h" nogil:
     int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e)
     void fmap_chan_unmap(fmap_chanmap *m)
     void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st)
+    uint64_t fmap_chan_pending(fmap_chanmap *m)
+    int fmap_chan_ended(fmap_chanmap *m)
     int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
                           uint64_t *pos, uint32_t *got, fmap_err *e)
     int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
