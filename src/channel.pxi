@@ -2,7 +2,9 @@
 # (src/c/channel_linux.c), and Message, a slot lent out for writing or
 # reading in place.  Names, lifetime and fork() come from Handle; waiting
 # (timeouts, GIL-free slices with signal checks) follows sync.pxi.
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS,
+                             PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_ToContiguous)
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
@@ -25,6 +27,7 @@ cdef double DEFAULT_SPIN_US = 50.0
 cdef size_t ARRAY_META = 32
 cdef size_t ARRAY_ALIGN = 64
 cdef int ARRAY_MAX_DIMS = 32
+assert ARRAY_META + 8 * ARRAY_MAX_DIMS <= FMAP_CHAN_ROOM
 
 
 class EndOfStream(EOFError):
@@ -73,7 +76,7 @@ cdef class Message:
         raise TypeError("Message objects come from Channel.reserve() and Channel.receive()")
 
     cdef int _check(self) except -1:
-        if self.addr == NULL:
+        if self.addr == NULL or self.finishing:
             raise make_error(ValueError, ERROR_INVALID_HANDLE,
                              f"the message of channel {describe(self.cm.name)} is no longer "
                              "in hand (its with block ended)")
@@ -119,7 +122,7 @@ cdef class Message:
     @property
     def in_hand(self):
         """True while the message can be used (its with block has not ended)."""
-        return self.addr != NULL
+        return self.addr != NULL and not self.finishing
 
     def __getitem__(self, index):
         self._check()
@@ -173,8 +176,14 @@ cdef class Message:
                 self._discard()
                 return False
             if self.exports:
+                # Not sent, and its slot stays out of the producers' reach
+                # until the last buffer goes: a stale memoryview must never
+                # write into a later message.  Consumers skip it.
                 n = self.exports
-                self._discard()
+                if self.pid == fmap_getpid():
+                    fmap_chan_withhold(&self.cm.m, self.pos)
+                self.writing = False
+                self.finishing = True
                 raise BufferError(
                     f"the reserved message was not sent: {n} buffer(s) taken from it "
                     "(a memoryview or array) are still alive, and could write into it "
@@ -196,7 +205,7 @@ cdef class Message:
             self._give_back()
 
     def __repr__(self):
-        state = "in hand" if self.addr != NULL else "done"
+        state = "in hand" if self.addr != NULL and not self.finishing else "done"
         kind = "reserved" if self.writing else "received"
         return f"<fmap.Message {kind} {self.length_} bytes of channel {describe(self.cm.name)} {state}>"
 
@@ -320,7 +329,7 @@ cdef class Channel(Handle):
                               "sent before has been received")
         raise_err(&e, lambda: f"cannot use channel {describe(self.name)}")
 
-    cdef int _too_big(self, uint64_t n, str what) except -1:
+    cdef int _too_big(self, object n, str what) except -1:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                          f"cannot send {what} of {n} bytes on channel {describe(self.name)}: "
                          f"its messages hold at most {self.message_size} bytes")
@@ -341,7 +350,7 @@ cdef class Channel(Handle):
             src = PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
         else:
-            PyObject_GetBuffer(data, &view, PyBUF_ANY_CONTIGUOUS)
+            PyObject_GetBuffer(data, &view, PyBUF_FULL_RO)   # strided ones too
             have_view = True
             src = <const char *>view.buf
             n = view.len
@@ -350,7 +359,9 @@ cdef class Channel(Handle):
                 self._too_big(n, "a message")
             self._claim(cm, True, 1, timeout, &pos)
             dst = fmap_chan_payload(&cm.m, pos)
-            if <size_t>n >= NOGIL_COPY:
+            if have_view and not PyBuffer_IsContiguous(&view, b'A'):
+                gather(&cm.m, pos, dst, &view)
+            elif <size_t>n >= NOGIL_COPY:
                 with nogil:
                     memcpy(dst, src, n)
             else:
@@ -411,14 +422,17 @@ cdef class Channel(Handle):
                         src = PyBytes_AS_STRING(item)
                         n = PyBytes_GET_SIZE(item)
                     else:
-                        PyObject_GetBuffer(item, &view, PyBUF_ANY_CONTIGUOUS)
+                        PyObject_GetBuffer(item, &view, PyBUF_FULL_RO)
                         have_view = True
                         src = <const char *>view.buf
                         n = view.len
                     try:
                         if <uint64_t>n > self.message_size:
                             self._too_big(n, f"message {sent}")
-                        memcpy(fmap_chan_payload(&cm.m, pos + i), src, n)
+                        if have_view and not PyBuffer_IsContiguous(&view, b'A'):
+                            gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
+                        else:
+                            memcpy(fmap_chan_payload(&cm.m, pos + i), src, n)
                     finally:
                         if have_view:
                             PyBuffer_Release(&view)
@@ -446,12 +460,16 @@ cdef class Channel(Handle):
         cdef fmap_err e
         cdef int rc
         cdef ChanMap cm = self._map()
-        want = _operator.index(max_count)
-        if want < 1:
+        count = _operator.index(max_count)
+        if count < 1:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
-                             f"max_count must be at least 1, not {want}")
+                             f"max_count must be at least 1, not {count}")
+        # A huge count means "as many as there are": clamp before the C int.
+        want = <Py_ssize_t>min(count, PY_SSIZE_T_MAX)
         out = []
-        chunk = <uint32_t>(want if want < RECV_CHUNK else RECV_CHUNK)
+        # The first claim, before any size is seen, assumes full-size messages.
+        n = 1 + RECV_MANY_BYTES // cm.m.msg_size if cm.m.msg_size else RECV_CHUNK
+        chunk = <uint32_t>min(want, RECV_CHUNK, n)
         got = self._claim(cm, False, chunk, timeout, &pos)
         while True:
             i = 0
@@ -492,7 +510,7 @@ cdef class Channel(Handle):
         if n < 0:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"nbytes must be >= 0, not {n}")
-        if n > self.message_size:
+        if n > int(self.message_size):
             self._too_big(n, "a message")
         self._claim(cm, True, 1, timeout, &pos)
         return new_message(self.cm, pos, n, KIND_BYTES, True)
@@ -538,10 +556,10 @@ cdef class Channel(Handle):
         if ndim > ARRAY_MAX_DIMS or len(code) > 24:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot send an array of {ndim} dimensions and dtype {dt}")
-        meta = array_meta_size(ndim)
+        meta = array_meta_size(ndim)          # fits the slot's FMAP_CHAN_ROOM
         nbytes = arr.nbytes
-        if meta + nbytes > self.message_size:
-            self._too_big(meta + nbytes, f"an array ({meta} bytes of description)")
+        if nbytes > self.message_size:
+            self._too_big(nbytes, "an array")
         self._claim(cm, True, 1, timeout, &pos)
         dst = fmap_chan_payload(&cm.m, pos)
         try:
@@ -587,11 +605,12 @@ cdef class Channel(Handle):
         n = fmap_chan_length(&cm.m, pos, &kind)
         msg = new_message(self.cm, pos, n, kind, False)
         msg.writable = True         # the consumer's own: a writable array
-        msg.finishing = True        # given back when the last buffer goes
         try:
             np = numpy()
             if kind != KIND_ARRAY:
-                return np.frombuffer(msg, dtype=np.uint8)
+                a = np.frombuffer(msg, dtype=np.uint8)
+                msg.finishing = True    # given back when the last buffer goes
+                return a
             meta = array_data_offset(src, n)
             if meta == 0:
                 raise make_error(ValueError, ERROR_FILE_CORRUPT,
@@ -602,6 +621,7 @@ cdef class Channel(Handle):
             shape = tuple([(<uint64_t *>(src + ARRAY_META))[i] for i in range(ndim)])
             count = (n - meta) // dt.itemsize
             a = np.frombuffer(msg, dtype=dt, count=count, offset=meta)
+            msg.finishing = True        # given back when the last buffer goes
             return a.reshape(shape) if ndim != 1 else a
         except BaseException:
             msg.finishing = False
@@ -680,6 +700,14 @@ cdef class Channel(Handle):
         return (f"<fmap.Channel {describe(self.name)} capacity={self.capacity} "
                 f"message_size={self.message_size} pending={pending}{ended} "
                 f"created={self.created} open>")
+
+
+cdef int gather(fmap_chanmap *m, uint64_t pos, char *dst, Py_buffer *view) except -1:
+    """Copy a strided buffer into a slot, in C order (one copy, as for any other)."""
+    if PyBuffer_ToContiguous(dst, view, view.len, b'C') < 0:
+        fmap_chan_discard(m, pos)
+        raise MemoryError("cannot copy a non-contiguous buffer into the channel")
+    return 0
 
 
 cdef size_t array_data_offset(const char *src, size_t n) noexcept:

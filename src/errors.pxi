@@ -91,7 +91,7 @@ cdef int raise_err(const fmap_err *e, what) except -1:
                          "(another user, or a process that is not dumpable)")
     if st == FMAP_EFULL:
         raise make_error(_errno.ENOSPC, ERROR_NO_SYSTEM_RESOURCES,
-                         f"{what}: the registry of names is full ({call})")
+                         f"{what}: no room: {call} are all in use")
     if st == FMAP_ECORRUPT:
         raise make_error(_errno.EINVAL, ERROR_FILE_CORRUPT,
                          f"{what}: {call}; is another fmap version using this runtime "

@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 
 import fmap  # noqa: E402
 
+# Children (subprocess, multiprocessing spawn) import the fmap this run imported,
+# even when it comes from PYTHONPATH (a work tree) rather than the installed one.
+_src = os.path.dirname(os.path.dirname(os.path.abspath(fmap.__file__)))
+if _src not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_src, os.environ.get("PYTHONPATH")) if p)
+
 
 @pytest.fixture
 def name():

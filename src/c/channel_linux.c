@@ -289,7 +289,7 @@ static int join(fmap_chanmap *m, fmap_err *e)
             return FMAP_OK;
         }
     }
-    return fail(e, FMAP_EFULL, 0, "the channel has no free participant record");
+    return fail(e, FMAP_EFULL, 0, "the channel's participant records (one per process)");
 }
 
 static void leave(fmap_chanmap *m)
@@ -319,7 +319,7 @@ static uint64_t header_size(void)
 
 static uint64_t stride_of(uint64_t msg_size)
 {
-    return SLOT_HEADER + round_up(msg_size ? msg_size : 1, 64);
+    return SLOT_HEADER + round_up(msg_size + FMAP_CHAN_ROOM, 64);
 }
 
 uint64_t fmap_chan_size(uint64_t capacity, uint64_t msg_size)
@@ -431,9 +431,18 @@ void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st)
     st->closed = __atomic_load_n(&h->closed, __ATOMIC_SEQ_CST);
     st->consumers_sleeping = __atomic_load_n(&h->data.sleepers, __ATOMIC_RELAXED);
     st->producers_sleeping = __atomic_load_n(&h->space.sleepers, __ATOMIC_RELAXED);
-    st->parts = 0;
-    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++)
-        st->parts += __atomic_load_n(&h->parts[i].pid, __ATOMIC_RELAXED) != 0 && !part_dead(h, i);
+    /* Processes, not records: every handle a process opens has its own. */
+    uint32_t pids[FMAP_CHAN_PARTS], n = 0;
+    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
+        uint32_t pid = __atomic_load_n(&h->parts[i].pid, __ATOMIC_RELAXED), j = 0;
+        if (pid == 0 || pid == REAPING)
+            continue;
+        while (j < n && pids[j] != pid)
+            j++;
+        if (j == n && !part_dead(h, i))
+            pids[n++] = pid;
+    }
+    st->parts = n;
 }
 
 int fmap_chan_ended(fmap_chanmap *m)
@@ -529,8 +538,10 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
             advance(&h->tail, tl, tl + 1);    /* taken or skipped: help the cursor on */
             continue;
         }
-        if (d < 0 || W_STATE(w) == S_FULL)
-            continue;                         /* stale tail, or lost a race */
+        if (d < 0)
+            return EMPTY;                     /* a consumer of the last lap still reads it */
+        if (W_STATE(w) == S_FULL)
+            continue;                         /* lost a race for it */
         if (W_STATE(w) == S_WRITING) {
             if (check_dead && part_dead(h, W_OWNER(w))) {
                 /* The producer died writing: its message is dropped. */
@@ -673,7 +684,8 @@ uint64_t fmap_chan_length(fmap_chanmap *m, uint64_t pos, uint32_t *kind)
     *kind = s->kind;
     /* The producer wrote it; a length past the slot (only a process writing
        the memory directly could make one) is cut to the slot. */
-    return s->len <= m->msg_size ? s->len : m->msg_size;
+    uint64_t room = m->stride - SLOT_HEADER;
+    return s->len <= room ? s->len : room;
 }
 
 void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
@@ -684,13 +696,39 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
     __atomic_store_n(&s->word, WORD(pos, 0, S_FULL), __ATOMIC_SEQ_CST);
 }
 
+/* Move the consumers' cursor past slots that need no consumer (given back
+   unsent, or withheld), as a consumer arriving there would: so len() does
+   not count them and a drained, closed channel reads as ended. */
+static void skip_holes(fmap_chanmap *m)
+{
+    struct fmap_chan *h = m->h;
+    for (;;) {
+        uint64_t tl = load64(&h->tail), w = load64(&slot_at(m, tl)->word);
+        int64_t d = pos_diff(w, tl);
+        if (!(d > 0 || (d == 0 && W_STATE(w) == S_READING)))
+            return;
+        advance(&h->tail, tl, tl + 1);
+    }
+}
+
 void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
 {
     struct slot *s = slot_at(m, pos);
     uint64_t w = WORD(pos, m->part, S_WRITING);
     if (cas64(&s->word, &w, WORD(pos + m->capacity, 0, S_FREE))) {
+        skip_holes(m);
         fmap_chan_wake_consumers(m, INT_MAX);   /* the end of the stream may be here */
         fmap_chan_wake_producers(m, 1);
+    }
+}
+
+void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
+{
+    struct slot *s = slot_at(m, pos);
+    uint64_t w = WORD(pos, m->part, S_WRITING);
+    if (cas64(&s->word, &w, WORD(pos, m->part, S_READING))) {
+        skip_holes(m);
+        fmap_chan_wake_consumers(m, INT_MAX);
     }
 }
 

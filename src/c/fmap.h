@@ -241,7 +241,11 @@ void fmap_event_reset(fmap_sync *s);
    slot is found and its slot given back (see channel_linux.c). */
 #define FMAP_CHAN_PARTS 1024        /* processes attached at once */
 #define FMAP_CHAN_MAX_CAPACITY (1u << 24)
-#define FMAP_CHAN_CLOSED 3          /* wait result: closed (send), closed and drained (receive) */
+#define FMAP_CHAN_CLOSED 3
+/* Each slot holds msg_size bytes and this much more: room for the
+   description of an array (dtype, shape) in front of msg_size bytes of its
+   data, so a channel made for N-byte frames carries N-byte arrays. */
+#define FMAP_CHAN_ROOM 320          /* wait result: closed (send), closed and drained (receive) */
 
 typedef struct fmap_chan fmap_chan;   /* the shared header */
 
@@ -299,6 +303,10 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
 void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n);
 /* Give a reserved slot back unsent (consumers skip it). */
 void fmap_chan_discard(fmap_chanmap *m, uint64_t pos);
+/* Drop a reserved slot unsent but keep it from producers (something may
+   still write into it): consumers skip it as if it had been taken, and
+   fmap_chan_release() gives it back. */
+void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos);
 /* Give a read slot back to the producers.  0, or -1 when the slot was no
    longer ours (this process was taken for dead: never, while it lives). */
 int fmap_chan_release(fmap_chanmap *m, uint64_t pos);

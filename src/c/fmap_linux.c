@@ -928,7 +928,7 @@ static int add_holder(fmap_reg *r, uint32_t ei, int fd, fmap_hold *hold, fmap_er
             return fail(e, FMAP_ENOTFOUND, ENOENT, "lookup");
         hi = holder_alloc(r);
         if (hi < 0)
-            return fail(e, FMAP_EFULL, ENOSPC, "registry holder records");
+            return fail(e, FMAP_EFULL, ENOSPC, "the registry's holder records");
     }
     reg_holder *ho = &r->holders[hi];
     ho->entry = ei;
@@ -1035,7 +1035,7 @@ int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
         ei = entry_alloc(r);
         if (ei < 0) {
             reg_unlock(r);
-            return fail(e, FMAP_EFULL, ENOSPC, "registry entries");
+            return fail(e, FMAP_EFULL, ENOSPC, "the registry's name entries");
         }
     }
     int ofd = spec->fd;
@@ -1075,7 +1075,7 @@ int fmap_reg_create(fmap_reg *r, const char *key, size_t keylen, uint32_t type,
         if (spec->fd < 0)
             close(ofd);
         reg_unlock(r);
-        return fail(e, FMAP_EFULL, ENOSPC, "registry holder records");
+        return fail(e, FMAP_EFULL, ENOSPC, "the registry's holder records");
     }
     reg_holder *ho = &r->holders[hi];
     ho->entry = (uint32_t)ei;

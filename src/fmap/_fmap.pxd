@@ -149,6 +149,7 @@ cdef extern from "c/fmap.h" nogil:
     # channels (channel_linux.c)
     enum:
         FMAP_CHAN_PARTS
+        FMAP_CHAN_ROOM
         FMAP_CHAN_MAX_CAPACITY
         FMAP_CHAN_CLOSED
 
@@ -188,6 +189,7 @@ cdef extern from "c/fmap.h" nogil:
     void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
     void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n)
     void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
+    void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
     int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
     void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n)
     void fmap_chan_close(fmap_chanmap *m)
@@ -295,4 +297,4 @@ cdef class Channel(Handle):
     cdef int _close_handle(self) except -1
     cdef uint32_t _claim(self, ChanMap cm, bint produce, uint32_t n, object timeout,
                          uint64_t *pos) except 0
-    cdef int _too_big(self, uint64_t n, str what) except -1
+    cdef int _too_big(self, object n, str what) except -1

@@ -1,0 +1,1319 @@
+"""fmap.Channel within one process: the contract of every API point.
+
+Creation and names (the namespace of mappings), send/recv and their in-place
+and array forms, batches, timeouts and backpressure, the end of the stream,
+Message lifetime, repr/len/stats/spin, the lifetime of the name and of the
+memory, pickling, and an unnamed channel across fork().  Other processes and
+crashes are in test_channel_crossprocess.py and test_channel_crash.py.
+"""
+import array
+import gc
+import os
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fmap
+from conftest import raises
+from children import poll, wait_pid
+
+ERROR_FILE_NOT_FOUND = 2
+ERROR_INVALID_HANDLE = 6
+ERROR_INVALID_PARAMETER = 87
+ERROR_BROKEN_PIPE = 109
+ERROR_ALREADY_EXISTS = 183
+ERROR_NO_DATA = 232
+ERROR_TIMEOUT = 1460
+
+WAIT = 10.0      # the bound on any wait that should end at once
+
+
+def make(closer, name=None, capacity=8, **kw):
+    kw.setdefault("message_size", 256)
+    return closer(fmap.Channel.create(name, capacity, **kw))
+
+
+class Background:
+    """fn() in a thread; result() joins it (bounded) and returns or re-raises."""
+
+    def __init__(self, fn):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def result(self, timeout=WAIT):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"thread still blocked after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def channel_maps(label):
+    """Lines of /proc/self/maps that map a channel whose memfd label holds `label`."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "fmap-channel:" + label in line)
+
+
+# ---- creation ---------------------------------------------------------------
+
+def test_types():
+    assert issubclass(fmap.EndOfStream, EOFError)
+    assert fmap.EndOfStream.winerror == ERROR_BROKEN_PIPE
+    with pytest.raises(TypeError):
+        fmap.Channel()
+    with pytest.raises(TypeError):
+        fmap.Message()
+    assert fmap.Channel.create is not None and fmap.Channel.open is not None
+
+
+def test_create_defaults(closer):
+    ch = closer(fmap.Channel.create())
+    assert ch.capacity == 64 and ch.message_size == 65536
+    assert ch.created and ch.name is None and not ch.closed and not ch.ended
+    assert len(ch) == 0
+    assert ch.spin == 50.0
+
+
+@pytest.mark.parametrize("asked, got", [(1, 1), (2, 2), (3, 4), (5, 8), (64, 64), (65, 128),
+                                        (1000, 1024), ((1 << 16) + 1, 1 << 17)])
+def test_capacity_rounds_up_to_a_power_of_two(closer, asked, got):
+    ch = make(closer, capacity=asked, message_size=0)
+    assert ch.capacity == got
+    # exactly `got` messages fit, the next one waits
+    assert ch.send_many([b""] * got, timeout=0) == got
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT):
+        ch.send(b"", timeout=0)
+    assert len(ch) == got
+
+
+@pytest.mark.parametrize("capacity", [0, -1, (1 << 24) + 1, 1 << 30])
+def test_capacity_out_of_range(capacity):
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="capacity"):
+        fmap.Channel.create(None, capacity)
+
+
+@pytest.mark.parametrize("size", [-1, (1 << 40) + 1])
+def test_message_size_out_of_range(size):
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="message_size"):
+        fmap.Channel.create(None, 4, message_size=size)
+
+
+def test_capacity_times_message_size_too_large(name):
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="too large"):
+        fmap.Channel.create(name, 1 << 24, message_size=1 << 40)
+    with pytest.raises(FileNotFoundError):
+        fmap.Channel.open(name)
+
+
+@pytest.mark.parametrize("kw", [dict(capacity="4"), dict(capacity=4.0), dict(capacity=True),
+                                dict(capacity=None), dict(message_size=1.5),
+                                dict(message_size="8"), dict(message_size=False)])
+def test_argument_types(kw):
+    with pytest.raises(TypeError):
+        fmap.Channel.create(None, **kw)
+
+
+def test_numpy_ints_are_accepted(closer):
+    ch = closer(fmap.Channel.create(None, np.int64(3), message_size=np.uint16(100)))
+    assert (ch.capacity, ch.message_size) == (4, 100)
+
+
+def test_message_size_zero(closer):
+    ch = make(closer, capacity=2, message_size=0)
+    ch.send(b"")
+    ch.send(bytearray())
+    assert ch.recv(timeout=0) == b"" and ch.recv_many(timeout=0) == [b""]
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.send(b"x")
+    with ch.reserve(0) as m:
+        assert len(m) == 0
+    with ch.receive(timeout=0) as m:
+        assert m.tobytes() == b""
+
+
+def test_named_create_then_open(closer, name):
+    a = make(closer, name, capacity=5, message_size=100)
+    assert a.created and a.name == name and (a.capacity, a.message_size) == (8, 100)
+    b = closer(fmap.Channel.open(name))
+    assert not b.created and b.name == name and (b.capacity, b.message_size) == (8, 100)
+    # create of an existing name opens it: the existing sizes win
+    c = closer(fmap.Channel.create(name, 2, message_size=1 << 20))
+    assert not c.created and (c.capacity, c.message_size) == (8, 100)
+    a.send(b"one")
+    assert c.recv(timeout=WAIT) == b"one"
+
+
+def test_exclusive(closer, name):
+    a = closer(fmap.Channel.create(name, exclusive=True))
+    assert a.created
+    with raises(FileExistsError, winerror=ERROR_ALREADY_EXISTS) as info:
+        fmap.Channel.create(name, exclusive=True)
+    assert name in str(info.value)
+    a.close()
+    b = closer(fmap.Channel.create(name, exclusive=True))
+    assert b.created
+
+
+def test_exclusive_is_ignored_for_unnamed(closer):
+    assert closer(fmap.Channel.create(None, exclusive=True)).created
+    assert closer(fmap.Channel.create("", exclusive=True)).created
+
+
+def test_open_missing(name):
+    with raises(FileNotFoundError, winerror=ERROR_FILE_NOT_FOUND) as info:
+        fmap.Channel.open(name)
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [None, ""])
+def test_open_needs_a_name(bad):
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        fmap.Channel.open(bad)
+
+
+@pytest.mark.parametrize("bad", ["a\\b", "\0", "a" * 256, "Local\\"])
+def test_bad_names(bad):
+    with raises(ValueError):
+        fmap.Channel.create(bad)
+    with raises(ValueError):
+        fmap.Channel.open(bad)
+
+
+def test_good_names(closer):
+    for good in ("Local\\chan-x", "Global\\chan-y", "\u540d\u524d \U0001f600"):
+        ch = closer(fmap.Channel.create(good, 2, message_size=8))
+        assert ch.created and ch.name == good
+        other = closer(fmap.Channel.open(good))
+        ch.send(b"hi")
+        assert other.recv(timeout=WAIT) == b"hi"
+
+
+OTHER_TYPES = {
+    "mapping": lambda n: fmap.create(n, size=4096),
+    "mutex": lambda n: fmap.Mutex.create(n),
+    "semaphore": lambda n: fmap.Semaphore.create(n, 0, 1),
+    "event": lambda n: fmap.Event.create(n),
+}
+OPENERS = {
+    "mapping": lambda n: fmap.open(n),
+    "mutex": lambda n: fmap.Mutex.open(n),
+    "semaphore": lambda n: fmap.Semaphore.open(n),
+    "event": lambda n: fmap.Event.open(n),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_TYPES))
+def test_name_held_by_another_type(closer, name, kind):
+    closer(OTHER_TYPES[kind](name))
+    for call in (lambda: fmap.Channel.create(name),
+                 lambda: fmap.Channel.create(name, exclusive=True),
+                 lambda: fmap.Channel.open(name)):
+        with raises(fmap.WrongTypeError, winerror=ERROR_INVALID_HANDLE):
+            call()
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_TYPES))
+def test_channel_name_blocks_other_types(closer, name, kind):
+    make(closer, name)
+    for call in (lambda: OTHER_TYPES[kind](name), lambda: OPENERS[kind](name)):
+        with raises(fmap.WrongTypeError, winerror=ERROR_INVALID_HANDLE):
+            call()
+
+
+# ---- send / recv ------------------------------------------------------------
+
+def test_send_takes_any_bytes_like(closer):
+    ch = make(closer, capacity=16)
+    items = [b"bytes", bytearray(b"bytearray"), memoryview(b"xmemoryviewx")[1:-1],
+             array.array("i", [1, 2, 3]), np.arange(5, dtype=np.uint16),
+             np.arange(6, dtype=np.float64).reshape(2, 3), b""]
+    for item in items:
+        ch.send(item)
+    assert len(ch) == len(items)
+    for item in items:
+        got = ch.recv(timeout=0)
+        assert type(got) is bytes and got == bytes(item)
+
+
+@pytest.mark.parametrize("bad", ["text", None, 5, 1.0, [1, 2], object()])
+def test_send_refuses_non_buffers(closer, bad):
+    ch = make(closer)
+    with pytest.raises(TypeError):
+        ch.send(bad)
+    assert len(ch) == 0
+
+
+def test_send_non_contiguous_buffer(closer):
+    # Either a copy of its bytes is sent, or a documented error with its winerror
+    # (DESIGN.md: every ValueError carries winerror); never a bare numpy error.
+    ch = make(closer)
+    data = np.arange(20, dtype=np.uint8)[::2]
+    try:
+        ch.send(data)
+    except (ValueError, BufferError) as exc:
+        assert isinstance(getattr(exc, "winerror", None), int), f"{exc!r} has no winerror"
+        assert len(ch) == 0
+    else:
+        assert ch.recv(timeout=0) == data.tobytes()
+
+
+def test_send_copies_once(closer):
+    ch = make(closer)
+    buf = bytearray(b"original")
+    ch.send(buf)
+    buf[:] = b"changed!"
+    assert ch.recv(timeout=0) == b"original"
+
+
+def test_fifo_single_producer(closer):
+    ch = make(closer, capacity=64, message_size=8)
+    for round_ in range(5):                  # wraps the ring several times
+        for i in range(50):
+            ch.send((round_ * 50 + i).to_bytes(8, "little"))
+        for i in range(50):
+            assert int.from_bytes(ch.recv(timeout=0), "little") == round_ * 50 + i
+
+
+def test_message_size_is_the_limit(closer):
+    ch = make(closer, message_size=100)
+    ch.send(b"x" * 100)
+    assert ch.recv(timeout=0) == b"x" * 100
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="100"):
+        ch.send(b"x" * 101)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.reserve(101)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.send_array(np.zeros(101, np.uint8))
+    assert len(ch) == 0
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+
+
+# ---- timeouts and backpressure ------------------------------------------------
+
+def test_recv_timeout_zero_on_empty(closer):
+    ch = make(closer)
+    t0 = time.monotonic()
+    for call in (ch.recv, ch.recv_many, ch.receive, ch.recv_array):
+        with raises(TimeoutError, winerror=ERROR_TIMEOUT):
+            call(timeout=0)
+    assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.parametrize("timeout", [0.15, 0.3])
+def test_recv_timeout_waits_that_long(closer, timeout):
+    ch = make(closer)
+    t0 = time.monotonic()
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT) as info:
+        ch.recv(timeout=timeout)
+    elapsed = time.monotonic() - t0
+    assert timeout - 0.01 <= elapsed < timeout + 1.0
+    assert str(timeout) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [-1, -0.001, float("nan"), float("-inf")])
+def test_bad_timeouts(closer, bad):
+    ch = make(closer)
+    ch.send(b"x")
+    for call in (lambda: ch.send(b"y", timeout=bad), lambda: ch.recv(timeout=bad),
+                 lambda: ch.recv_many(timeout=bad), lambda: ch.reserve(1, timeout=bad),
+                 lambda: ch.receive(timeout=bad), lambda: ch.send_array([1], timeout=bad),
+                 lambda: ch.recv_array(timeout=bad), lambda: ch.send_many([b"z"], timeout=bad)):
+        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="timeout"):
+            call()
+    assert ch.recv(timeout=0) == b"x" and len(ch) == 0      # nothing moved
+
+
+@pytest.mark.parametrize("bad", ["1", True, [1], object()])
+def test_timeout_types(closer, bad):
+    ch = make(closer)
+    with pytest.raises(TypeError):
+        ch.recv(timeout=bad)
+    with pytest.raises(TypeError):
+        ch.send(b"x", timeout=bad)
+
+
+def test_infinite_timeouts(closer):
+    ch = make(closer, capacity=1)
+    for forever in (None, float("inf"), 1e300, 10 ** 30):
+        bg = Background(lambda: ch.recv(timeout=forever))
+        time.sleep(0.02)
+        ch.send(b"late")
+        assert bg.result() == b"late"
+
+
+def test_full_channel_blocks_senders(closer):
+    ch = make(closer, capacity=4)
+    for i in range(4):
+        ch.send(bytes([i]), timeout=0)
+    for call in (lambda: ch.send(b"x", timeout=0), lambda: ch.reserve(1, timeout=0),
+                 lambda: ch.send_array([1], timeout=0)):
+        with raises(TimeoutError, winerror=ERROR_TIMEOUT):
+            call()
+    t0 = time.monotonic()
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT, match="no free slot"):
+        ch.send(b"x", timeout=0.1)
+    assert 0.09 <= time.monotonic() - t0 < 1.0
+    assert len(ch) == 4
+    assert ch.recv(timeout=0) == b"\0"
+    ch.send(b"\4", timeout=0)
+    assert [ch.recv(timeout=0) for _ in range(4)] == [bytes([i]) for i in range(1, 5)]
+
+
+def test_blocked_send_wakes_when_a_slot_frees(closer):
+    ch = make(closer, capacity=1)
+    ch.send(b"first")
+    bg = Background(lambda: ch.send(b"second", timeout=WAIT))
+    time.sleep(0.1)
+    assert bg.thread.is_alive()              # waiting for the slot
+    assert ch.recv(timeout=0) == b"first"
+    bg.result()
+    assert ch.recv(timeout=WAIT) == b"second"
+
+
+def test_blocked_recv_wakes_on_send(closer):
+    ch = make(closer)
+    ch.spin = 0                              # straight to the futex
+    for data in (b"a", b"b"):
+        bg = Background(lambda: ch.recv(timeout=WAIT))
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        ch.send(data)
+        assert bg.result() == data
+        assert time.monotonic() - t0 < 1.0
+
+
+# ---- send_many / recv_many -------------------------------------------------------
+
+def test_send_many_recv_many(closer):
+    ch = make(closer, capacity=128)
+    msgs = [bytes([i]) * (i % 7) for i in range(100)]
+    assert ch.send_many(msgs) == 100
+    assert ch.send_many(iter([b"g1", bytearray(b"g2")])) == 2      # any iterable
+    assert ch.send_many((m for m in [memoryview(b"g3")])) == 1
+    assert ch.send_many([]) == 0
+    got = []
+    while len(got) < 103:
+        batch = ch.recv_many(max_count=17, timeout=0)
+        assert 1 <= len(batch) <= 17
+        assert all(type(b) is bytes for b in batch)
+        got += batch
+    assert got == msgs + [b"g1", b"g2", b"g3"]
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT):
+        ch.recv_many(timeout=0)
+
+
+def test_recv_many_returns_what_is_there(closer):
+    ch = make(closer, capacity=64)
+    ch.send_many([b"a", b"b", b"c"])
+    assert ch.recv_many(timeout=0) == [b"a", b"b", b"c"]
+    ch.send(b"d")
+    assert ch.recv_many(max_count=1, timeout=0) == [b"d"]
+
+
+def test_recv_many_waits_for_at_least_one(closer):
+    ch = make(closer)
+    bg = Background(lambda: ch.recv_many(timeout=WAIT))
+    time.sleep(0.05)
+    ch.send(b"x")
+    assert bg.result() == [b"x"]
+
+
+@pytest.mark.parametrize("count", [0, -1, -(1 << 70), 1 << 70, 1 << 63])
+def test_recv_many_bad_counts(closer, count):
+    ch = make(closer)
+    ch.send(b"x")
+    if count > 0:
+        # more than can ever be there: what is there
+        assert ch.recv_many(max_count=count, timeout=0) == [b"x"]
+    else:
+        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="max_count"):
+            ch.recv_many(max_count=count)
+        assert ch.recv(timeout=0) == b"x"
+
+
+@pytest.mark.parametrize("count", [1.5, "2", None])
+def test_recv_many_count_types(closer, count):
+    ch = make(closer)
+    with pytest.raises(TypeError):
+        ch.recv_many(max_count=count, timeout=0)
+
+
+def test_recv_many_bounds_its_bytes(closer):
+    # "no more than about 64 KiB of them past the first"
+    ch = make(closer, capacity=64, message_size=65536)
+    ch.send_many([bytes(65536)] * 40)
+    batch = ch.recv_many(timeout=0)
+    assert 1 <= len(batch)
+    past_first = sum(map(len, batch[1:]))
+    assert past_first <= 2 * 65536, f"{len(batch)} messages of 64 KiB in one batch"
+
+
+def test_send_many_times_out_with_count(closer):
+    ch = make(closer, capacity=4)
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT) as info:
+        ch.send_many([b"m"] * 10, timeout=0.05)
+    assert info.value.sent == 4
+    assert ch.recv_many(timeout=0) == [b"m"] * 4
+
+
+def test_send_many_bigger_than_capacity_with_a_consumer(closer):
+    ch = make(closer, capacity=8, message_size=8)
+    n = 5000
+    bg = Background(lambda: [m for _ in range(n) for m in [ch.recv(timeout=WAIT)]])
+    assert ch.send_many([i.to_bytes(8, "little") for i in range(n)], timeout=WAIT) == n
+    assert [int.from_bytes(m, "little") for m in bg.result()] == list(range(n))
+
+
+@pytest.mark.parametrize("bad", [b"x" * 300, "text"])
+def test_send_many_stops_at_a_bad_item(closer, bad):
+    ch = make(closer, capacity=16, message_size=256)
+    with pytest.raises((ValueError, TypeError)) as info:
+        ch.send_many([b"a", b"b", bad, b"d", b"e"])
+    if isinstance(info.value, ValueError):
+        assert info.value.winerror == ERROR_INVALID_PARAMETER
+    # the ones before went, the bad one and the rest did not
+    assert ch.recv_many(timeout=0) == [b"a", b"b"]
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    # the slots given back are usable: the ring goes on
+    assert ch.send_many([b"f"] * 16, timeout=0) == 16
+    assert ch.recv_many(timeout=0) == [b"f"] * 16
+
+
+# ---- reserve: writing in place --------------------------------------------------
+
+def test_reserve_writes_in_place(closer):
+    ch = make(closer, message_size=64)
+    with ch.reserve(16) as buf:
+        assert isinstance(buf, fmap.Message)
+        assert len(buf) == 16 and buf.nbytes == 16 and buf.in_hand
+        buf[:] = b"0123456789abcdef"
+        buf[0] = ord("X")
+        buf[1:3] = b"YZ"
+        with memoryview(buf) as mv:
+            assert not mv.readonly and mv.nbytes == 16
+            mv[-1] = ord("!")
+        a = buf.asarray("uint8", (4, 4))
+        assert a.shape == (4, 4) and a.flags.writeable
+        a[1, 0] = ord("#")
+        del a
+        assert buf[0] == ord("X") and bytes(buf[1:3]) == b"YZ"
+        assert buf.tobytes() == b"XYZ3#56789abcde!"
+        assert "reserved 16 bytes" in repr(buf) and "in hand" in repr(buf)
+        assert len(ch) == 1 or len(ch) == 0        # in flight: a snapshot either way
+    assert not buf.in_hand and "done" in repr(buf)
+    assert ch.recv(timeout=0) == b"XYZ3#56789abcde!"
+
+
+def test_reserve_asarray_dtypes(closer):
+    ch = make(closer, message_size=64)
+    with ch.reserve(24) as buf:
+        a = buf.asarray("float64")
+        assert a.shape == (3,)
+        a[:] = [1.5, 2.5, 3.5]
+        b = buf.asarray(np.int32, shape=6)
+        assert b.shape == (6,)
+        c = buf.asarray("u2", shape=(2, 3))
+        assert c.shape == (2, 3)
+        d = buf.asarray("f8", shape=())
+        assert d.shape == () and d[()] == 1.5
+        del a, b, c, d
+    assert np.frombuffer(ch.recv(timeout=0), "f8").tolist() == [1.5, 2.5, 3.5]
+
+
+@pytest.mark.parametrize("dtype, shape, exc", [
+    ("f8", (4,), ValueError),          # 32 bytes > 24
+    ("u1", (-1,), ValueError),
+    ("u1", (2, -3), ValueError),
+    ("V0", None, ValueError),
+    (object, None, ValueError),
+    ("no-such-dtype", None, TypeError),
+    ("u1", (1.5,), TypeError),
+])
+def test_asarray_bad_arguments(closer, dtype, shape, exc):
+    ch = make(closer, message_size=64)
+    with ch.reserve(24) as buf:
+        with raises(exc, winerror=ERROR_INVALID_PARAMETER if exc is ValueError else None):
+            buf.asarray(dtype, shape)
+    assert ch.recv(timeout=0) is not None           # still sent
+
+
+def test_reserve_discarded_on_exception(closer):
+    ch = make(closer, capacity=2)
+    with pytest.raises(KeyError):
+        with ch.reserve(8) as buf:
+            buf[:] = b"partial!"
+            raise KeyError("boom")
+    assert not buf.in_hand
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    ch.send(b"next")
+    assert ch.recv(timeout=0) == b"next"
+    # the discarded slot went back: the whole ring is usable again
+    assert ch.send_many([b"1", b"2"], timeout=0) == 2
+
+
+def test_len_does_not_count_a_discarded_message(closer):
+    ch = make(closer, capacity=4)
+    with pytest.raises(KeyError):
+        with ch.reserve(8):
+            raise KeyError
+    assert len(ch) == 0 and ch.stats()["pending"] == 0
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    assert len(ch) == 0
+
+
+def test_reserve_with_a_live_buffer_is_not_sent(closer):
+    ch = make(closer, capacity=1, message_size=16)
+    with raises(BufferError, match="1 buffer"):
+        with ch.reserve(4) as buf:
+            buf[:] = b"lost"
+            mv = memoryview(buf)
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    mv.release()
+    ch.send(b"next")
+    assert ch.recv(timeout=0) == b"next"
+
+
+def test_reserve_live_buffer_never_writes_into_a_later_message(closer):
+    # A buffer left alive past the with block (BufferError, not sent) must not
+    # be able to write into the slot once another message uses it (DESIGN.md:
+    # bad input never corrupts another process's data).
+    ch = make(closer, capacity=1, message_size=16)
+    with pytest.raises(BufferError):
+        with ch.reserve(4) as buf:
+            mv = memoryview(buf)
+    try:
+        ch.send(b"AAAA", timeout=0)
+    except TimeoutError:
+        pass                       # the slot is held while the buffer lives: also fine
+    else:
+        mv[:] = b"ZZZZ"            # the stale buffer writes...
+        assert ch.recv(timeout=0) == b"AAAA"    # ...never into the message sent since
+    mv.release()
+
+
+def test_reserve_argument_errors(closer):
+    ch = make(closer, message_size=16)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.reserve(-1)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.reserve(17)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.reserve(1 << 70)
+    for bad in (1.5, "4", None):
+        with pytest.raises(TypeError):
+            ch.reserve(bad)
+    assert len(ch) == 0
+    with ch.reserve(np.int32(16)) as buf:
+        assert len(buf) == 16
+
+
+def test_reserve_without_with_is_discarded_when_dropped(closer):
+    ch = make(closer, capacity=1)
+    buf = ch.reserve(4)
+    buf[:] = b"drop"
+    del buf
+    gc.collect()
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    ch.send(b"ok", timeout=0)               # the slot came back
+    assert ch.recv(timeout=0) == b"ok"
+
+
+def test_reserve_without_with_can_still_be_sent(closer):
+    ch = make(closer)
+    buf = ch.reserve(2)
+    buf[:] = b"hi"
+    with buf:
+        pass
+    assert ch.recv(timeout=0) == b"hi"
+
+
+def test_message_misuse_after_its_block(closer):
+    ch = make(closer)
+    with ch.reserve(4) as w:
+        w[:] = b"abcd"
+    ch.send(b"efgh")
+    with ch.receive(timeout=0) as r:
+        assert r.tobytes() == b"abcd"
+    for m in (w, r):
+        assert not m.in_hand and len(m) == 4 and "done" in repr(m)
+        for call in (m.tobytes, lambda: m[0], lambda: m[1:2], lambda: memoryview(m),
+                     lambda: m.asarray(), lambda: m.__enter__(), lambda: bytes(m)):
+            with raises(ValueError, winerror=ERROR_INVALID_HANDLE, match="no longer"):
+                call()
+        with raises(ValueError, winerror=ERROR_INVALID_HANDLE):
+            m[0] = 1
+        assert m.__exit__(None, None, None) is False      # a second exit does nothing
+    assert ch.recv(timeout=0) == b"efgh"                   # committed only once
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+
+
+# ---- receive: reading in place ---------------------------------------------------
+
+def test_receive_reads_in_place(closer):
+    ch = make(closer, capacity=1)
+    ch.send(b"payload")
+    with ch.receive(timeout=0) as buf:
+        assert isinstance(buf, fmap.Message)
+        assert len(buf) == 7 and buf.tobytes() == b"payload" and bytes(buf) == b"payload"
+        assert bytes(buf[1:3]) == b"ay" and buf[0] == ord("p")
+        assert "received 7 bytes" in repr(buf) and "in hand" in repr(buf)
+        with memoryview(buf) as mv:
+            assert mv.readonly
+        with pytest.raises(TypeError):
+            buf[0] = 1
+        with pytest.raises(TypeError):
+            buf[0:2] = b"xx"
+        with pytest.raises(TypeError, match="read-only"):
+            memoryview(buf).cast("B")[0:1] = b"x"
+        a = buf.asarray()
+        assert not a.flags.writeable and bytes(a) == b"payload"
+        with pytest.raises(ValueError):
+            a[0] = 1
+        del a
+        # held while in hand: the channel is full
+        with raises(TimeoutError):
+            ch.send(b"x", timeout=0)
+    ch.send(b"x", timeout=0)                        # given back at the block's end
+    assert ch.recv(timeout=0) == b"x"
+
+
+def test_receive_slot_held_until_the_last_buffer_goes(closer):
+    ch = make(closer, capacity=1)
+    ch.send(b"keep")
+    with ch.receive(timeout=0) as buf:
+        mv = memoryview(buf)
+        a = buf.asarray()
+    assert not buf.in_hand
+    assert bytes(mv) == b"keep" and bytes(a) == b"keep"
+    with raises(TimeoutError):
+        ch.send(b"x", timeout=0)
+    mv.release()
+    with raises(TimeoutError):
+        ch.send(b"x", timeout=0)
+    del a
+    ch.send(b"x", timeout=0)
+    assert ch.recv(timeout=0) == b"x"
+
+
+def test_receive_consumes_even_on_exception(closer):
+    ch = make(closer)
+    ch.send_many([b"one", b"two"])
+    with pytest.raises(KeyError):
+        with ch.receive(timeout=0) as buf:
+            assert buf.tobytes() == b"one"
+            raise KeyError
+    assert ch.recv(timeout=0) == b"two"           # delivered at most once
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+
+
+def test_receive_of_an_array_message(closer):
+    ch = make(closer)
+    arr = np.arange(12, dtype="<i4").reshape(3, 4)
+    ch.send_array(arr)
+    with ch.receive(timeout=0) as buf:
+        assert len(buf) == arr.nbytes
+        got = buf.asarray("<i4", (3, 4))
+        assert (got == arr).all()
+        del got
+
+
+def test_receive_dropped_without_with(closer):
+    ch = make(closer, capacity=1)
+    ch.send(b"x")
+    m = ch.receive(timeout=0)
+    assert m.tobytes() == b"x"
+    del m
+    gc.collect()
+    ch.send(b"y", timeout=0)
+    assert ch.recv(timeout=0) == b"y"
+
+
+# ---- arrays -------------------------------------------------------------------
+
+DTYPES = ["u1", "i1", "<u2", ">i2", "<i4", ">i4", "<i8", "<u8", "<f2", "<f4", ">f8", "<c8",
+          "<c16", "?", "S3", "<U5", "<M8[ns]", "<m8[s]", "<f16" if np.dtype("g").itemsize > 8
+          else "<f8"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_array_round_trip_dtypes(closer, dtype):
+    ch = make(closer, message_size=4096)
+    rng = np.random.default_rng(1)
+    arr = np.frombuffer(rng.bytes(np.dtype(dtype).itemsize * 12), dtype=dtype).reshape(3, 4)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(bool)
+    ch.send_array(arr)
+    got = ch.recv_array(timeout=0)
+    assert got.dtype == arr.dtype and got.shape == arr.shape
+    assert got.tobytes() == arr.tobytes()
+    assert got.flags.c_contiguous and got.flags.writeable
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (2, 3), (2, 0, 3), (3, 1, 2, 1, 2),
+                                   (1,) * 32, (2,) * 10])
+def test_array_round_trip_shapes(closer, shape):
+    ch = make(closer, message_size=8192)
+    arr = np.arange(int(np.prod(shape)), dtype="<f8").reshape(shape)
+    ch.send_array(arr)
+    got = ch.recv_array(timeout=0)
+    assert got.shape == shape and got.dtype == arr.dtype
+    assert (got == arr).all()
+
+
+def test_array_data_is_64_byte_aligned(closer):
+    ch = make(closer, message_size=4096)
+    for ndim in range(1, 12):
+        ch.send_array(np.ones((1,) * ndim, "f8"))
+        a = ch.recv_array(timeout=0)
+        assert a.ctypes.data % 64 == 0, ndim
+        del a
+
+
+def test_send_array_of_non_contiguous_and_fortran(closer):
+    ch = make(closer, message_size=4096)
+    base = np.arange(60, dtype="<i4").reshape(6, 10)
+    for arr in (base[::2, 1::3], base.T, np.asfortranarray(base), base[:, ::-1],
+                base[::-1], base[3]):
+        ch.send_array(arr)
+        got = ch.recv_array(timeout=0)
+        assert got.shape == arr.shape and (got == arr).all()
+        assert got.flags.c_contiguous
+        del got
+
+
+def test_send_array_takes_array_likes(closer):
+    ch = make(closer)
+    ch.send_array([[1, 2], [3, 4]])
+    got = ch.recv_array(timeout=0)
+    assert got.shape == (2, 2) and got.tolist() == [[1, 2], [3, 4]]
+    ch.send_array(3.5)
+    got = ch.recv_array(timeout=0)
+    assert got.shape == () and got[()] == 3.5
+    ch.send_array(np.uint16(7))
+    assert ch.recv_array(timeout=0).dtype == np.uint16
+
+
+@pytest.mark.parametrize("bad", [
+    np.array([object(), 1], dtype=object),
+    np.zeros(2, dtype=[("a", "i4"), ("b", "f8")]),
+    np.zeros(2, "i4").view([("x", "i4")]),
+    np.zeros((1,) * 33, "u1"),
+])
+def test_send_array_refuses(closer, bad):
+    ch = make(closer, message_size=4096)
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        ch.send_array(bad)
+    assert len(ch) == 0
+
+
+def test_send_array_message_size_is_the_arrays_data(closer):
+    # A channel made for N-byte frames carries N-byte arrays: the description
+    # (dtype, shape, up to 32 dimensions) has room of its own in each slot.
+    ch = make(closer, message_size=80)
+    for shape in [(10,), (1, 1, 1, 1, 10), (1,) * 31 + (10,), (2, 5)]:
+        ch.send_array(np.arange(10, dtype="f8").reshape(shape))
+        got = ch.recv_array(timeout=0)
+        assert got.shape == shape and got.ravel().tolist() == list(range(10))
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="88 bytes.*at most 80"):
+        ch.send_array(np.zeros(11, "f8"))
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="dimensions"):
+        ch.send_array(np.zeros((1,) * 33, "f8"))
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="at most 80"):
+        ch.send(bytes(81))                          # the room is for descriptions only
+    assert len(ch) == 0
+
+
+def test_recv_array_of_bytes_and_recv_of_array(closer):
+    ch = make(closer)
+    ch.send(b"\x01\x02\x03")
+    a = ch.recv_array(timeout=0)
+    assert a.dtype == np.uint8 and a.tolist() == [1, 2, 3] and a.flags.writeable
+    del a
+    arr = np.array([1.0, 2.0], "<f4")
+    ch.send_array(arr)
+    assert ch.recv(timeout=0) == arr.tobytes()          # recv gives the data
+    ch.send_array(arr)
+    assert ch.recv_many(timeout=0) == [arr.tobytes()]
+
+
+def test_recv_array_is_writable_and_views_the_slot(closer):
+    ch = make(closer, capacity=1)
+    ch.send_array(np.zeros(4, "u1"))
+    a = ch.recv_array(timeout=0)
+    a[:] = 9                           # the consumer's own
+    assert a.tolist() == [9] * 4
+    assert a.base is not None          # a view, not a copy
+
+
+def test_recv_array_slot_released_after_every_view(closer):
+    ch = make(closer, capacity=1, message_size=1024)
+    ch.send_array(np.arange(100, dtype="<i8"))
+    a = ch.recv_array(timeout=0)
+    views = [a[::2], a.reshape(10, 10)[3], a.view("u1"), memoryview(a)]
+    with raises(TimeoutError):
+        ch.send(b"x", timeout=0)
+    del a
+    while views:
+        gc.collect()
+        with raises(TimeoutError):
+            ch.send(b"x", timeout=0)
+        v = views.pop(0)
+        if isinstance(v, memoryview):
+            v.release()
+        del v
+    gc.collect()
+    ch.send(b"x", timeout=0)           # every view gone: the slot came back
+    assert ch.recv(timeout=0) == b"x"
+
+
+def test_recv_array_outlives_the_handle(closer, name):
+    ch = fmap.Channel.create(name, 2, message_size=1024)
+    ch.send_array(np.arange(50, dtype="<i4"))
+    a = ch.recv_array(timeout=0)
+    assert channel_maps(name) >= 1
+    ch.close()
+    with pytest.raises(FileNotFoundError):          # the name went with the handle
+        fmap.Channel.open(name)
+    assert a.sum() == sum(range(50))                # the memory lives with the array
+    a[0] = 1
+    del a
+    gc.collect()
+    assert channel_maps(name) == 0                  # and goes with it
+
+
+# ---- the end of the stream ------------------------------------------------------
+
+def test_close_ends_the_stream(closer, name):
+    tx = fmap.Channel.create(name, 8, message_size=64)
+    rx = make(closer, name)
+    also = closer(fmap.Channel.open(name))
+    tx.send_many([b"a", b"b", b"c"])
+    tx.send_array(np.arange(3, dtype="u1"))
+    tx.close()
+    assert tx.closed and rx.ended and also.ended and not rx.closed
+    for send in (lambda: also.send(b"x"), lambda: also.send_many([b"x"]),
+                 lambda: also.reserve(1), lambda: also.send_array([1]),
+                 lambda: also.send(b"x", timeout=0)):
+        with raises(BrokenPipeError, winerror=ERROR_NO_DATA, match="closed"):
+            send()
+    assert rx.recv(timeout=0) == b"a"
+    assert rx.recv_many(max_count=1, timeout=0) == [b"b"]
+    with rx.receive(timeout=0) as buf:
+        assert buf.tobytes() == b"c"
+    assert rx.recv_array(timeout=0).tolist() == [0, 1, 2]
+    for recv in (rx.recv, rx.recv_many, rx.receive, rx.recv_array, also.recv):
+        for timeout in (0, None, 1):
+            with raises(fmap.EndOfStream, winerror=ERROR_BROKEN_PIPE) as info:
+                recv(timeout=timeout)
+            assert isinstance(info.value, EOFError)
+
+
+def test_recv_many_drains_then_ends(closer):
+    ch = make(closer, capacity=16)
+    other = closer(pickle.loads(pickle.dumps(ch)))
+    ch.send_many([b"1", b"2", b"3"])
+    ch.close()
+    assert other.recv_many(timeout=0) == [b"1", b"2", b"3"]
+    with raises(fmap.EndOfStream):
+        other.recv_many(timeout=0)
+
+
+def test_iteration_until_end_of_stream(closer):
+    rx = make(closer, capacity=16)
+    tx = pickle.loads(pickle.dumps(rx))
+    tx.send_many([b"x", b"y", b"z"])
+    with tx:
+        pass                                        # `with ch:` closes: end of stream
+    assert tx.closed and rx.ended
+    assert list(rx) == [b"x", b"y", b"z"]
+    assert list(rx) == []
+
+
+def test_iteration_blocks_until_messages(closer):
+    rx = make(closer)
+    tx = pickle.loads(pickle.dumps(rx))
+
+    def produce():
+        for i in range(20):
+            tx.send(bytes([i]))
+            time.sleep(0.002)
+        tx.close()
+
+    bg = Background(produce)
+    assert list(rx) == [bytes([i]) for i in range(20)]
+    bg.result()
+
+
+def test_close_is_idempotent_and_closed_handle_refuses(closer):
+    ch = fmap.Channel.create(None, 4, message_size=8)
+    ch.close()
+    ch.close()
+    ch.detach()
+    assert ch.closed and "closed" in repr(ch)
+    for call in (lambda: ch.send(b"x"), ch.recv, ch.recv_many, lambda: ch.reserve(1),
+                 ch.receive, lambda: ch.send_array([1]), ch.recv_array,
+                 lambda: ch.send_many([b"x"]), lambda: len(ch), lambda: ch.ended,
+                 ch.stats, lambda: pickle.dumps(ch), ch.__enter__, lambda: next(iter(ch))):
+        with raises(ValueError, winerror=ERROR_INVALID_HANDLE, match="closed"):
+            call()
+
+
+def test_detach_leaves_the_stream_open(closer, name):
+    a = fmap.Channel.create(name, 4, message_size=8)
+    b = make(closer, name)
+    a.send(b"before")
+    a.detach()
+    assert a.closed and not b.ended
+    b.send(b"after")
+    assert b.recv(timeout=0) == b"before" and b.recv(timeout=0) == b"after"
+    with raises(TimeoutError):
+        b.recv(timeout=0)
+    # a with block on a detached-then-reopened handle still ends the stream
+    with fmap.Channel.open(name) as c:
+        c.send(b"last")
+    assert b.ended and b.recv(timeout=0) == b"last"
+    with raises(fmap.EndOfStream):
+        b.recv(timeout=0)
+
+
+def test_close_wakes_blocked_receivers_and_senders(closer, name):
+    rx = make(closer, name, capacity=1)
+    tx = make(closer, name)
+    rx.spin = tx.spin = 0
+    receivers = [Background(lambda: rx.recv(timeout=WAIT)) for _ in range(3)]
+    time.sleep(0.1)
+    closing = fmap.Channel.open(name)
+    t0 = time.monotonic()
+    closing.close()
+    for bg in receivers:
+        with raises(fmap.EndOfStream):
+            bg.result()
+    assert time.monotonic() - t0 < 2.0
+
+    # a sender blocked on a full channel gets BrokenPipeError
+    full = fmap.Channel.create(None, 1, message_size=8)
+    other = closer(pickle.loads(pickle.dumps(full)))
+    full.send(b"x")
+    sender = Background(lambda: other.send(b"y", timeout=WAIT))
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    full.close()
+    with raises(BrokenPipeError, winerror=ERROR_NO_DATA):
+        sender.result()
+    assert time.monotonic() - t0 < 2.0
+    assert other.recv(timeout=0) == b"x"
+
+
+def test_close_own_handle_while_a_thread_waits(closer):
+    ch = fmap.Channel.create(None, 2, message_size=8)
+    bg = Background(lambda: ch.recv(timeout=WAIT))
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    ch.close()
+    with pytest.raises((fmap.EndOfStream, ValueError)):
+        bg.result()
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_message_reserved_before_close_is_delivered(closer, name):
+    tx = make(closer, name)
+    rx = make(closer, name)
+    buf = tx.reserve(5)
+    fmap.Channel.open(name).close()                 # the stream ends meanwhile
+    buf[:] = b"final"
+    with buf:
+        pass
+    assert rx.recv(timeout=WAIT) == b"final"
+    with raises(fmap.EndOfStream):
+        rx.recv(timeout=0)
+
+
+# ---- len, ended, stats, spin, repr ---------------------------------------------
+
+def test_len_and_stats(closer):
+    ch = make(closer, capacity=8)
+    st = ch.stats()
+    assert st == {"sent": 0, "taken": 0, "pending": 0, "ended": False, "processes": 1,
+                  "producers_sleeping": 0, "consumers_sleeping": 0}
+    ch.send_many([b"1", b"2", b"3"])
+    assert len(ch) == 3
+    ch.recv(timeout=0)
+    assert len(ch) == 2
+    st = ch.stats()
+    assert (st["sent"], st["taken"], st["pending"]) == (3, 1, 2)
+    ch.recv_many(timeout=0)
+    assert len(ch) == 0 and ch.stats()["taken"] == 3
+
+
+def test_stats_counts_processes_not_handles(closer, name):
+    a = make(closer, name)
+    b = closer(fmap.Channel.open(name))
+    c = closer(pickle.loads(pickle.dumps(a)))
+    for h in (a, b, c):
+        assert h.stats()["processes"] == 1, h.stats()
+
+
+def test_participant_records_run_out_with_a_clear_error(closer, name):
+    a = make(closer, name, capacity=2, message_size=8)
+    handles = []
+    try:
+        for _ in range(fmap._fmap.CHANNEL_MAX_PROCESSES + 8):
+            handles.append(fmap.Channel.open(name))
+    except OSError as exc:
+        assert isinstance(exc.winerror, int)
+        assert "participant" in str(exc) and "registry of names" not in str(exc), str(exc)
+    finally:
+        for h in handles:
+            h.detach()
+    assert a.stats()["processes"] == 1
+
+
+def test_stats_counts_sleepers(closer):
+    ch = make(closer)
+    ch.spin = 0
+    bg = Background(lambda: ch.recv(timeout=WAIT))
+    assert poll(lambda: ch.stats()["consumers_sleeping"] == 1, WAIT)
+    ch.send(b"wake")
+    assert bg.result() == b"wake"
+    assert ch.stats()["consumers_sleeping"] == 0
+
+    full = make(closer, capacity=1)
+    full.spin = 0
+    full.send(b"x")
+    bg = Background(lambda: full.send(b"y", timeout=WAIT))
+    assert poll(lambda: full.stats()["producers_sleeping"] == 1, WAIT)
+    assert full.recv(timeout=0) == b"x"
+    bg.result()
+    assert full.stats()["producers_sleeping"] == 0
+
+
+def test_spin(closer, name):
+    a = make(closer, name)
+    b = closer(fmap.Channel.open(name))
+    assert a.spin == b.spin == 50.0
+    a.spin = 0
+    assert a.spin == 0.0 and b.spin == 50.0        # per handle
+    a.spin = 12.5
+    assert a.spin == 12.5
+    b.spin = None
+    assert b.spin == 0.0
+    for bad in (-1, float("nan"), 1e30):
+        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="spin"):
+            a.spin = bad
+    for bad in ("1", True, [1]):
+        with pytest.raises(TypeError):
+            a.spin = bad
+    assert a.spin == 12.5
+    # waits work with any spin
+    for spin in (0, 1, 1000):
+        a.spin = spin
+        bg = Background(lambda: a.recv(timeout=WAIT))
+        time.sleep(0.01)
+        b.send(b"s")
+        assert bg.result() == b"s"
+
+
+def test_repr(closer, name):
+    ch = make(closer, name, capacity=5, message_size=100)
+    r = repr(ch)
+    assert r.startswith("<fmap.Channel") and name in r
+    assert "capacity=8" in r and "message_size=100" in r and "pending=0" in r
+    assert "created=True" in r and "open" in r and "ended" not in r
+    ch.send_many([b"1", b"2"])
+    assert "pending=2" in repr(ch)
+    other = closer(fmap.Channel.open(name))
+    assert "created=False" in repr(other)
+    other.close()
+    assert "ended" in repr(ch) and "closed" in repr(other)
+    u = make(closer)
+    assert "unnamed" in repr(u)
+
+
+# ---- lifetime -----------------------------------------------------------------
+
+def test_name_goes_with_the_last_handle(closer, name):
+    a = fmap.Channel.create(name, 4, message_size=8)
+    b = fmap.Channel.open(name)
+    a.send(b"kept")
+    a.detach()
+    c = fmap.Channel.open(name)                     # b still holds the name
+    assert c.recv(timeout=0) == b"kept"
+    b.detach()
+    c.detach()
+    with raises(FileNotFoundError, winerror=ERROR_FILE_NOT_FOUND):
+        fmap.Channel.open(name)
+    d = make(closer, name, capacity=2)              # a new object: empty, open
+    assert d.created and d.capacity == 2 and len(d) == 0 and not d.ended
+    with raises(TimeoutError):
+        d.recv(timeout=0)
+
+
+def test_close_frees_the_name_too(closer, name):
+    with fmap.Channel.create(name, 4, message_size=8) as ch:
+        ch.send(b"x")
+    with raises(FileNotFoundError):
+        fmap.Channel.open(name)
+    again = make(closer, name)
+    assert again.created and not again.ended and len(again) == 0
+
+
+def test_memory_goes_with_the_last_holder(name):
+    ch = fmap.Channel.create(name, 4, message_size=4096)
+    ch.send(b"held")
+    msg = ch.receive(timeout=0)
+    ch.send(b"reserved-later")
+    w = ch.reserve(4)
+    assert channel_maps(name) == 1
+    ch.close()
+    assert channel_maps(name) == 1                  # Messages in hand keep it mapped
+    assert msg.tobytes() == b"held"
+    w[:] = b"abcd"
+    with w:
+        pass                                        # sent into a channel nobody holds
+    with msg:
+        pass
+    del msg, w
+    gc.collect()
+    assert channel_maps(name) == 0
+
+
+def test_unnamed_channel_memory_goes_with_the_handle():
+    before = channel_maps("")
+    ch = fmap.Channel.create(None, 4, message_size=64)
+    assert channel_maps("") == before + 1
+    ch.close()
+    assert channel_maps("") == before
+
+
+# ---- pickling ------------------------------------------------------------------
+
+def test_pickle_named(closer, name):
+    ch = make(closer, name)
+    copy = closer(pickle.loads(pickle.dumps(ch)))
+    assert copy.name == name and not copy.created and copy.capacity == ch.capacity
+    ch.send(b"via pickle")
+    assert copy.recv(timeout=0) == b"via pickle"
+
+
+def test_pickle_unnamed(closer):
+    ch = make(closer, capacity=4, message_size=32)
+    copy = closer(pickle.loads(pickle.dumps(ch)))
+    assert copy.name is None and copy.capacity == 4 and copy.message_size == 32
+    copy.send(b"back")
+    assert ch.recv(timeout=0) == b"back"
+
+
+def test_pickle_of_a_channel_whose_name_was_reused(name):
+    ch = fmap.Channel.create(name, 4, message_size=8)
+    data = pickle.dumps(ch)
+    ch.close()
+    with fmap.Channel.create(name, 4, message_size=8) as other:
+        assert other.created
+        with raises(FileNotFoundError, winerror=ERROR_FILE_NOT_FOUND, match="gone"):
+            pickle.loads(data)
+
+
+# ---- threads ------------------------------------------------------------------
+
+def test_threads_exactly_once(closer):
+    ch = make(closer, capacity=16, message_size=16)
+    producers, per = 3, 3000
+    results = [[] for _ in range(2)]
+
+    def produce(p):
+        for i in range(per):
+            ch.send(p.to_bytes(4, "little") + i.to_bytes(4, "little"), timeout=WAIT)
+
+    def consume(out):
+        while True:
+            try:
+                for m in ch.recv_many(max_count=7, timeout=WAIT):
+                    out.append((int.from_bytes(m[:4], "little"), int.from_bytes(m[4:], "little")))
+            except fmap.EndOfStream:
+                return
+
+    cons = [Background(lambda out=out: consume(out)) for out in results]
+    prods = [Background(lambda p=p: produce(p)) for p in range(producers)]
+    for bg in prods:
+        bg.result(60)
+    closer(pickle.loads(pickle.dumps(ch))).close()
+    for bg in cons:
+        bg.result(60)
+    everything = results[0] + results[1]
+    assert len(everything) == producers * per
+    assert sorted(everything) == [(p, i) for p in range(producers) for i in range(per)]
+    for out in results:                              # each producer's order, per consumer
+        for p in range(producers):
+            seqs = [i for q, i in out if q == p]
+            assert seqs == sorted(seqs)
+
+
+# ---- fork ---------------------------------------------------------------------
+
+def test_unnamed_channel_across_fork(closer):
+    to_child = make(closer, capacity=4, message_size=64)
+    to_parent = make(closer, capacity=4, message_size=64)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for i in range(200):
+                m = to_child.recv(timeout=WAIT)
+                to_parent.send(m + b"!", timeout=WAIT)
+            if to_child.stats()["processes"] == 2:
+                code = 0
+            to_parent.send(b"bye")
+        finally:
+            os._exit(code)
+    for i in range(200):
+        to_child.send(str(i).encode(), timeout=WAIT)
+        assert to_parent.recv(timeout=WAIT) == str(i).encode() + b"!"
+    assert to_parent.recv(timeout=WAIT) == b"bye"
+    assert wait_pid(pid, 30) == 0
+    assert poll(lambda: to_child.stats()["processes"] == 1)
+
+
+def test_messages_in_hand_across_fork(closer):
+    # A forked child's copies of the parent's Messages never give back or
+    # send the parent's slots.
+    ch = make(closer, capacity=2, message_size=16)
+    ch.send(b"held")
+    r = ch.receive(timeout=0)
+    w = ch.reserve(4)
+    w[:] = b"mine"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            del r, w
+            gc.collect()
+        finally:
+            os._exit(0)
+    assert wait_pid(pid, 30) == 0
+    assert r.tobytes() == b"held" and r.in_hand and w.in_hand
+    with raises(TimeoutError):
+        ch.recv(timeout=0)                           # the child did not send w
+    with raises(TimeoutError):
+        ch.send(b"x", timeout=0)                     # nor give back r's slot
+    with w:
+        pass
+    with r:
+        pass
+    assert ch.recv(timeout=0) == b"mine"
