@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fmap
+from children import children  # noqa: F401 - fixture
 from conftest import raises
 
 G = fmap.ALLOCATION_GRANULARITY
@@ -72,25 +73,21 @@ def test_size_checked_before_lookup_of_name_of_another_type(name, closer):
         fmap.create(name, size=0)            # not WrongTypeError: the name is never looked up
 
 
-def test_size_checked_before_lookup_of_name_held_by_another_process(name):
-    child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, fmap
-            m = fmap.create({name!r}, size=4096)
-            print("ready", flush=True)
-            sys.stdin.read()
-            m.close()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
-            fmap.create(name, size=0)
-        with fmap.create(name, size=4096) as m:     # the control: the name is there
-            assert m.created is False
-    finally:
-        child.communicate("", timeout=30)
-    assert child.returncode == 0
+def test_size_checked_before_lookup_of_name_held_by_another_process(name, children):
+    child = children(textwrap.dedent(f"""
+        import sys, fmap
+        m = fmap.create({name!r}, size=4096)
+        print("ready", flush=True)
+        sys.stdin.read()
+        m.close()
+    """))
+    child.expect("ready")
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        fmap.create(name, size=0)
+    with fmap.create(name, size=4096) as m:         # the control: the name is there
+        assert m.created is False
+    rc, err = child.finish()
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("size", [1.0, "1", b"1", True, [1]])
