@@ -86,6 +86,30 @@ def test_close_message_names_arrays_and_memoryviews(mapping):
     v.close()
 
 
+def test_close_message_counts_only_live_arrays(mapping):
+    # asarray() keeps a record per array for this message and drops the dead
+    # ones in batches: many short-lived arrays must neither be counted nor pile up.
+    v = mapping.map()
+    keep = v.asarray("uint16", shape=(3, 5))
+    for i in range(1000):
+        v.asarray("float32" if i % 2 else np.int8)
+    with raises(BufferError) as info:
+        v.close()
+    assert "1 NumPy array(s) from asarray() (uint16[3, 5])" in str(info.value)
+    assert "other buffer" not in str(info.value)
+    del keep
+    v.close()
+
+
+def test_asarray_dtype_forms_agree(mapping):
+    v = mapping.map()
+    for spec in ("<u2", "uint16", np.uint16, np.dtype("uint16")):
+        a = v.asarray(spec, shape=4)
+        assert a.dtype == np.dtype("uint16") and a.shape == (4,)
+    a = v.asarray("(2,3)i4", shape=2)        # a subarray dtype adds its dimensions
+    assert a.shape == (2, 2, 3) and a.dtype == np.dtype("i4")
+
+
 def test_context_manager_exit_refuses_with_live_export(mapping):
     with pytest.raises(BufferError):
         with mapping.map() as v:

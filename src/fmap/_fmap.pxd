@@ -181,7 +181,8 @@ cdef class View:
     cdef bint exposed              # the address left our hands (buffer, address, array)
     cdef Py_ssize_t exports        # buffers handed out and not yet released
     cdef object name               # the mapping's name, for repr and messages
-    cdef list arrays               # (weakref, description) of asarray() arrays, for BufferError
+    cdef list arrays               # (weakref, dtype, shape) of asarray() arrays, for BufferError
+    cdef Py_ssize_t arrays_prune_at  # len(arrays) at which dead entries are dropped
     cdef object __weakref__
 
     cdef int _check(self) except -1
