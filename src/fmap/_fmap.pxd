@@ -20,6 +20,7 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_ENOTOWNER
         FMAP_ELIMIT
         FMAP_EBADADDR
+        FMAP_ECOMMIT
         FMAP_T_MAPPING
         FMAP_T_MUTEX
         FMAP_T_SEMAPHORE
@@ -29,6 +30,7 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_A_WRITE
         FMAP_A_COPY
         FMAP_F_FILE
+        FMAP_F_COMMITTED
         FMAP_KEY_MAX
 
     ctypedef struct fmap_err:
@@ -49,7 +51,6 @@ cdef extern from "c/fmap.h" nogil:
         uint32_t flags
         uint64_t size
         uint32_t protect
-        int populate
         const char *label
         int (*init)(void *ctx, int fd, fmap_err *e) noexcept nogil
         void *init_ctx
@@ -65,9 +66,15 @@ cdef extern from "c/fmap.h" nogil:
         uint64_t gen
         int fd
 
+    ctypedef struct fmap_commit:
+        uint64_t done
+        uint64_t chunk
+        uint64_t avail
+
     size_t fmap_page_size()
     int fmap_getpid()
     int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e)
+    int fmap_memfd_commit(int fd, uint64_t size, fmap_commit *c, fmap_err *e)
     int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e)
     int fmap_file_open(const char *path, uint32_t protect, int create, int *fd, int *created, fmap_err *e)
     int fmap_fd_info(int fd, fmap_objinfo *info, fmap_err *e)
