@@ -734,3 +734,36 @@ def test_fileno(closer):
     m = closer(fmap.create(size=4097))
     fd = m.fileno()
     assert os.fstat(fd).st_size == 4097
+
+
+# ---- a second handle in the process that holds one
+
+@pytest.mark.parametrize("protect, access, mode", [
+    ("rw", "rw", os.O_RDWR), ("rw", "r", os.O_RDONLY), ("rw", "c", os.O_RDONLY),
+    ("r", "rw", os.O_RDONLY), ("c", "rw", os.O_RDONLY),
+])
+def test_open_in_the_holding_process_gets_only_its_access(name, closer, protect, access, mode):
+    # Opening a name this process holds duplicates its fd when the access is
+    # the same; a handle must never share a more capable file than it asked for.
+    import fcntl
+    m = closer(fmap.create(name, size=4096, protect=protect))
+    o = closer(fmap.open(name, access=access))
+    assert fcntl.fcntl(o.fileno(), fcntl.F_GETFL) & os.O_ACCMODE == mode
+    assert os.fstat(o.fileno()).st_ino == os.fstat(m.fileno()).st_ino
+    if mode == os.O_RDONLY:
+        with raises(PermissionError):
+            o.map("rw")
+
+
+def test_open_does_not_trust_an_own_fd_closed_behind_its_back(name):
+    # A record of this process names fd N; N now holds another file: it is
+    # not the object, and the record is stale (the name had no other holder).
+    m = fmap.create(name, size=4096)
+    fd = m.fileno()
+    with open(os.devnull, "rb") as other:
+        os.dup2(other.fileno(), fd)
+    try:
+        with raises(FileNotFoundError):
+            fmap.open(name)
+    finally:
+        m.close()                       # closes the /dev/null now at fd
