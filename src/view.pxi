@@ -84,7 +84,8 @@ cdef class View:
             raise BufferError(f'view of mapping {describe(self.name)} is read-only ("r")')
         PyBuffer_FillInfo(buf, self, self.addr, self.length_, self.access_ == FMAP_A_READ, flags)
         self.exports += 1
-        self.exposed = True
+        if not self.lending:
+            self.exposed = True
 
     def __releasebuffer__(self, Py_buffer *buf):
         self.exports -= 1
@@ -111,6 +112,14 @@ cdef class View:
 
     def __len__(self):
         return self.length_
+
+    cdef bint _lent(self):
+        """Is the memoryview of an asarray() array still alive?"""
+        if self.arrays is not None:
+            for t in self.arrays:
+                if t[0]() is not None:
+                    return True
+        return False
 
     def _holders(self):
         """What still holds exports: for the BufferError message."""
@@ -142,9 +151,10 @@ cdef class View:
                              f"{self._holders()} still use it; release them first "
                              "(memoryview.release(), del the array)")
         self.addr = NULL
-        if self.exposed:
+        if self.exposed or self._lent():
             # Something saw the address (np.ndarray(buffer=...) holds no export,
-            # ctypes may keep a pointer): leave zeros there until we are freed.
+            # ctypes may keep a pointer, an asarray() array outlived its
+            # memoryview's release()): leave zeros there until we are freed.
             rc = fmap_view_retire(addr, self.length_, &e)
             if rc == FMAP_OK:
                 self.placeholder = addr
@@ -253,6 +263,10 @@ cdef class View:
                                  f"an array of shape {shape} and dtype {dt} needs "
                                  f"{count * itemsize} bytes; the view has {avail} "
                                  f"from offset {off}")
+        # The export goes to np.frombuffer's memoryview, which every array
+        # made from it keeps alive (as its base), and which is tracked below:
+        # it does not expose the address as an unknown consumer does.
+        self.lending = True
         try:
             # positional: NumPy parses keywords here at three times the cost
             base = np.frombuffer(self, dt, count, off)
@@ -261,7 +275,13 @@ cdef class View:
         except ValueError as exc:    # object dtypes, more dimensions than NumPy allows
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot make an array of dtype {dt} and shape {shape}: {exc}") from None
-        # The flat base is what holds the export; the caller's shape names it.
+        finally:
+            self.lending = False
+        mv = base.base
+        if type(mv) is not memoryview:    # a NumPy that holds the buffer otherwise
+            self.exposed = True
+            mv = base
+        # The memoryview holds the export; the caller's shape names the array.
         # The description is formatted only for a BufferError (str(dtype) is
         # slow), and dead entries are dropped once the list has doubled.
         arrays = self.arrays
@@ -270,7 +290,7 @@ cdef class View:
         elif len(arrays) >= self.arrays_prune_at:
             arrays[:] = [t for t in arrays if t[0]() is not None]
             self.arrays_prune_at = 2 * len(arrays) + 8
-        arrays.append((_weakref.ref(base), dt, out.shape))
+        arrays.append((_weakref.ref(mv), dt, out.shape))
         return out
 
     # mmap-like indexing: view[i] is an int, view[a:b] bytes.

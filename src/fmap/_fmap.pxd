@@ -185,15 +185,17 @@ cdef class View:
     cdef readonly object offset
     cdef uint32_t access_
     cdef bint is_file              # flush has work to do only for file-backed views
-    cdef bint exposed              # the address left our hands (buffer, address, array)
+    cdef bint exposed              # the address left our hands (buffer, address): close leaves a placeholder
+    cdef bint lending              # asarray() is taking an export: tracked in arrays, not exposed
     cdef Py_ssize_t exports        # buffers handed out and not yet released
     cdef object name               # the mapping's name, for repr and messages
-    cdef list arrays               # (weakref, dtype, shape) of asarray() arrays, for BufferError
+    cdef list arrays               # (weakref to the memoryview, dtype, shape) of asarray() arrays
     cdef Py_ssize_t arrays_prune_at  # len(arrays) at which dead entries are dropped
     cdef object __weakref__
 
     cdef int _check(self) except -1
     cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1
+    cdef bint _lent(self)
 
 
 cdef class SyncHandle(Handle):
