@@ -5,7 +5,7 @@ cannot give it; never the OOM killer, never SIGBUS.
 Sizes that must fail are several times RAM + swap, so a check that is missing
 would try to allocate them: those run in a child that a watchdog kills as
 soon as the machine's shared memory grows past GUARD.  Nothing here allocates
-more than half a GiB.
+more than 1 GiB.
 """
 import json
 import os
