@@ -9,6 +9,7 @@ a. create + map + close of a fresh named 1 MiB object (a new name each time;
 b. attach to an existing named 1 MiB object: open by name + map + close.
 c. attach to a 256 MiB object that ANOTHER process created (and filled) and
    get a NumPy uint8 array over all of it, then drop the array and close.
+d. b, with the 1 MiB object created and held by ANOTHER process.
 
 Each row is the median, over ``--rounds`` timed rounds (7; 3 with --quick)
 after one warm-up round, of the per-operation time of a round of many
@@ -564,9 +565,99 @@ def bench_numpy(args, rounds):
     return rows + failed
 
 
+# ------------------------------ d. open + map + close of another process's object
+
+def bench_attach_other(args, rounds):
+    """Section b, but the object is held by another process (a helper), as it
+    is when processes share memory: no peer can take a shortcut through a
+    handle or a cache of its own."""
+    n = C.ops_for(args, 5000, 500)
+    size = SMALL
+    bench = f"d. open+map+close {size >> 20} MiB, another process's"
+    cases = []
+    failed = []
+
+    def add(stack, impl, helper_impl, status, make):
+        if status != C.OK:
+            cases.append(C.Case(impl, status=status))
+            return
+        name = C.unique_names("d", 1)[0]
+        stack.callback(_unlink_quiet, _shm_path(name))  # helper killed early
+        try:
+            helper = Helper(helper_impl, name, size)
+            stack.callback(helper.stop)
+            cases.append(C.Case(impl, make(name, stack)))
+        except Exception as e:
+            failed.append(C.error_row(bench, impl, e))
+            print(f"  [{bench} / {impl}] {failed[-1].status}", file=sys.stderr)
+
+    def fmap_make(name, stack):
+        def body(_, n):
+            fopen = fmap.open
+            for _ in range(n):
+                m = fopen(name)
+                v = m.map()
+                v.close()
+                m.close()
+        return body
+
+    def smem_make(name, stack):
+        stack.callback(resource_tracker.unregister, "/" + name, "shared_memory")
+
+        def body(_, n):
+            for _ in range(n):
+                s = SharedMemory(name=name)
+                s.close()
+        return body
+
+    def pipc_make(name, stack):
+        pname = "/" + name
+
+        def body(_, n):
+            PSM, mm_ = posix_ipc.SharedMemory, mmap.mmap
+            for _ in range(n):
+                p = PSM(pname)
+                mm = mm_(p.fd, p.size)
+                p.close_fd()
+                mm.close()
+        return body
+
+    def sa_make(name, stack):
+        uri = "shm://" + name
+
+        def body(_, n):
+            attach = SharedArray.attach
+            for _ in range(n):
+                a = attach(uri)
+                del a
+        return body
+
+    def raw_make(name, stack):
+        path = _shm_path(name)
+
+        def body(_, n):
+            o_open, o_fstat, o_close, mm_, flags = (os.open, os.fstat, os.close,
+                                                    mmap.mmap, os.O_RDWR)
+            for _ in range(n):
+                fd = o_open(path, flags)
+                mm = mm_(fd, o_fstat(fd).st_size)
+                o_close(fd)
+                mm.close()
+        return body
+
+    with contextlib.ExitStack() as stack:
+        add(stack, "fmap", "fmap", FMAP_STATUS, fmap_make)
+        add(stack, "shared_memory", "shared_memory", NP_STATUS, smem_make)
+        add(stack, "posix_ipc", "posix_ipc", PIPC_STATUS, pipc_make)
+        add(stack, SA, SA, SA_STATUS, sa_make)
+        add(stack, RAW, RAW, C.OK, raw_make)
+        rows = C.run_cases(bench, cases, n, rounds)
+    return rows + failed
+
+
 # ------------------------------------------------------------------------ main
 
-SECTIONS = {"a": bench_create, "b": bench_attach, "c": bench_numpy}
+SECTIONS = {"a": bench_create, "b": bench_attach, "c": bench_numpy, "d": bench_attach_other}
 
 
 def main(argv=None):
@@ -574,8 +665,8 @@ def main(argv=None):
     if argv[:1] == ["--helper"]:
         return helper_main(argv[1:])
     p = C.make_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="abc",
-                   help="which sections to run, e.g. 'ab' (default: abc)")
+    p.add_argument("--only", default="abcd",
+                   help="which sections to run, e.g. 'ab' (default: abcd)")
     p.add_argument("--big-mib", type=int, default=BIG_DEFAULT_MIB,
                    help=f"size of the section c object in MiB (default {BIG_DEFAULT_MIB})")
     args = p.parse_args(argv)
@@ -599,7 +690,8 @@ def main(argv=None):
     out = []
     titles = {"a": ("named create + map + close (POSIX peers also unlink)", RAW),
               "b": ("open existing name + map + close", RAW),
-              "c": ("NumPy array over an object made by another process", [SA, RAW])}
+              "c": ("NumPy array over an object made by another process", [SA, RAW]),
+              "d": ("open + map + close of an object another process holds", RAW)}
     for key, section_rows in rows.items():
         title, baseline = titles[key]
         out.append(C.format_table(section_rows, baseline, title=title))

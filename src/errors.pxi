@@ -20,6 +20,7 @@ ERROR_FILE_INVALID = 1006
 ERROR_MAPPED_ALIGNMENT = 1132
 ERROR_FILE_CORRUPT = 1392
 ERROR_NO_SYSTEM_RESOURCES = 1450
+ERROR_COMMITMENT_LIMIT = 1455
 ERROR_TIMEOUT = 1460
 ERROR_TOO_MANY_OPEN_FILES = 4
 ERROR_GEN_FAILURE = 31
@@ -115,6 +116,11 @@ cdef int raise_err(const fmap_err *e, what) except -1:
     if st == FMAP_EBADADDR:
         raise make_error(ValueError, ERROR_INVALID_ADDRESS,
                          f"{what}: that address range is outside the process's address space")
+    if st == FMAP_ECOMMIT:
+        # CreateFileMapping of a paging-file section fails this way when the
+        # commit limit (RAM + paging file) cannot cover it.
+        raise make_error(MemoryError, ERROR_COMMITMENT_LIMIT,
+                         f"{what}: not enough memory to commit it")
     if st == FMAP_ELIMIT:
         raise make_error(ValueError, ERROR_TOO_MANY_POSTS,
                          f"{what}: the count would pass the maximum; it is unchanged")

@@ -1,4 +1,5 @@
 # Mapping: a file-mapping object (CreateFileMapping / OpenFileMapping).
+from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uintptr_t
 
 ALLOCATION_GRANULARITY = 65536   # Windows' value, on every OS: portable offsets
@@ -39,12 +40,67 @@ cdef Mapping new_mapping(name, bytes key, int fd, const fmap_objinfo *info, uint
     return m
 
 
+cdef int commit_memory(int fd, uint64_t size, name) except -1:
+    """Allocate a new memfd's memory now (populate=True), checking signals
+    between steps; MemoryError (ERROR_COMMITMENT_LIMIT) when it cannot be had."""
+    cdef fmap_err e
+    cdef fmap_commit c
+    cdef int rc
+    c.done = 0
+    c.chunk = 0
+    c.avail = 0
+    while c.done < size:
+        with nogil:
+            rc = fmap_memfd_commit(fd, size, &c, &e)
+        if rc == FMAP_OK or rc == FMAP_WAIT_INTR:
+            PyErr_CheckSignals()      # between steps: Ctrl-C & co. end it here
+            continue
+        raise_err(&e, f"cannot create mapping {describe(name)} of {size} bytes with "
+                      f"populate=True (about {c.avail} bytes of memory can be had)")
+    return 0
+
+
+cdef Mapping open_existing(name, bytes key, uint32_t protect, bint exclusive, what):
+    """create()'s first step when it will commit memory: the existing object
+    (its own parameters win, as ever), or None when the name is free; so that
+    no gigabytes are committed only to be dropped for an object that exists."""
+    cdef fmap_err e
+    cdef fmap_objinfo info
+    cdef fmap_hold hold
+    cdef int rc, fd = -1
+    cdef fmap_reg *reg = get_registry(what)
+    cdef const char *k = key
+    cdef size_t klen = len(key)
+    with nogil:
+        rc = fmap_reg_open(reg, k, klen, FMAP_T_MAPPING, protect == FMAP_A_WRITE,
+                           &fd, &info, &hold, &e)
+    if rc == FMAP_ENOTFOUND:
+        return None
+    if rc != FMAP_OK:
+        raise_err(&e, what)
+    m = new_mapping(name, key, fd, &info, capped_access(protect, info.protect), False,
+                    info.flags & FMAP_F_COMMITTED, None)
+    m.hold = hold
+    live_add(m)
+    if exclusive:
+        m.close()
+        e.status = FMAP_EEXIST
+        e.sys = _errno.EEXIST
+        e.call = "lookup"
+        raise_err(&e, what)
+    return m
+
+
 def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bint populate,
             int fd, file):
     """The core of fmap.create; the shim has checked the arguments.
 
     fd is -1 for paging-file storage, else a file's fd that this call owns from
     now on: kept as the handle, or closed when an existing object wins or on error.
+
+    populate, for paging-file storage, commits the memory before the name is
+    published (and outside the registry lock: it can take seconds); views of
+    a committed object, or of a file, are prefaulted.
     """
     cdef fmap_err e
     cdef fmap_newobj spec
@@ -64,10 +120,25 @@ def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bi
     spec.flags = FMAP_F_FILE if fd >= 0 else 0
     spec.size = size
     spec.protect = protect
-    spec.populate = populate
     spec.label = label
     spec.init = NULL
     spec.init_ctx = NULL
+    if populate and fd < 0:
+        if key is not None:
+            m = open_existing(name, key, protect, exclusive, what)
+            if m is not None:
+                return m
+        with nogil:
+            rc = fmap_memfd_new(&spec, &fd, &e)
+        if rc != FMAP_OK:
+            raise_err(&e, what)
+        try:
+            commit_memory(fd, size, name)
+        except BaseException:
+            fmap_close_fd(fd)
+            raise
+        spec.fd = fd          # registered as it is, committed
+        spec.flags = FMAP_F_COMMITTED
     if key is None:
         if fd < 0:
             with nogil:
@@ -100,6 +171,8 @@ def _create(name, bytes key, uint64_t size, uint32_t protect, bint exclusive, bi
     if not created:
         fmap_close_fd(fd)     # the existing object wins (ERROR_ALREADY_EXISTS)
         file = None
+        # its memory was committed at its creation, or is not ours to commit
+        populate = populate and info.flags & (FMAP_F_FILE | FMAP_F_COMMITTED)
     m = new_mapping(name, key, ofd, &info, capped_access(protect, info.protect),
                     created, populate, file)
     m.hold = hold

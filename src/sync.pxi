@@ -271,7 +271,6 @@ def _sync_create(uint32_t otype, name, bytes key, bint exclusive, uint32_t flags
     spec.flags = 0
     spec.size = fmap_sync_size()
     spec.protect = FMAP_A_WRITE
-    spec.populate = 0
     spec.label = label
     spec.init = fmap_sync_init
     spec.init_ctx = &sp

@@ -17,6 +17,25 @@ cdef object numpy():
     return _np
 
 
+# np.dtype of the dtype strings and scalar types asarray() has seen: the
+# common call skips NumPy's parser.  Bounded: past 256, new ones are parsed
+# each time.
+cdef dict _dtypes = {}
+
+
+cdef object as_dtype(np, dtype):
+    try:
+        dt = np.dtype(dtype)
+    except SyntaxError as exc:    # NumPy parses "(2," as Python and lets this out
+        raise TypeError(f"data type {dtype!r} not understood: {exc}") from None
+    except ValueError as exc:
+        raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                         f"invalid dtype {dtype!r}: {exc}") from None
+    if (type(dtype) is str or type(dtype) is type) and len(_dtypes) < 256:
+        _dtypes[dtype] = dt
+    return dt
+
+
 # Copies above this size release the GIL.
 cdef size_t NOGIL_COPY = 1 << 20
 
@@ -48,6 +67,7 @@ cdef class View:
     def __cinit__(self):
         self.addr = NULL
         self.placeholder = NULL
+        self.arrays_prune_at = 8
 
     def __init__(self, *args, **kwargs):
         raise TypeError("View objects are made by Mapping.map()")
@@ -64,7 +84,8 @@ cdef class View:
             raise BufferError(f'view of mapping {describe(self.name)} is read-only ("r")')
         PyBuffer_FillInfo(buf, self, self.addr, self.length_, self.access_ == FMAP_A_READ, flags)
         self.exports += 1
-        self.exposed = True
+        if not self.lending:
+            self.exposed = True
 
     def __releasebuffer__(self, Py_buffer *buf):
         self.exports -= 1
@@ -92,9 +113,18 @@ cdef class View:
     def __len__(self):
         return self.length_
 
+    cdef bint _lent(self):
+        """Is the memoryview of an asarray() array still alive?"""
+        if self.arrays is not None:
+            for t in self.arrays:
+                if t[0]() is not None:
+                    return True
+        return False
+
     def _holders(self):
         """What still holds exports: for the BufferError message."""
-        arrays = [d for r, d in (self.arrays or ()) if r() is not None]
+        arrays = [f"{dt}{list(shape)}" for r, dt, shape in (self.arrays or ())
+                  if r() is not None]
         parts = []
         if arrays:
             shapes = ", ".join(arrays[:3]) + (", ..." if len(arrays) > 3 else "")
@@ -121,9 +151,10 @@ cdef class View:
                              f"{self._holders()} still use it; release them first "
                              "(memoryview.release(), del the array)")
         self.addr = NULL
-        if self.exposed:
+        if self.exposed or self._lent():
             # Something saw the address (np.ndarray(buffer=...) holds no export,
-            # ctypes may keep a pointer): leave zeros there until we are freed.
+            # ctypes may keep a pointer, an asarray() array outlived its
+            # memoryview's release()): leave zeros there until we are freed.
             rc = fmap_view_retire(addr, self.length_, &e)
             if rc == FMAP_OK:
                 self.placeholder = addr
@@ -194,13 +225,9 @@ cdef class View:
         """
         self._check()
         np = numpy()
-        try:
-            dt = np.dtype(dtype)
-        except SyntaxError as exc:    # NumPy parses "(2," as Python and lets this out
-            raise TypeError(f"data type {dtype!r} not understood: {exc}") from None
-        except ValueError as exc:
-            raise make_error(ValueError, ERROR_INVALID_PARAMETER,
-                             f"invalid dtype {dtype!r}: {exc}") from None
+        dt = _dtypes.get(dtype) if type(dtype) is str or type(dtype) is type else None
+        if dt is None:
+            dt = as_dtype(np, dtype)
         try:
             off = _operator.index(offset)     # int() would take 1.5 and "16"
         except TypeError:
@@ -210,11 +237,12 @@ cdef class View:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"asarray offset {off} is outside the view of {self.length_} bytes")
         avail = self.length_ - off
-        if dt.itemsize == 0:
+        itemsize = dt.itemsize
+        if itemsize == 0:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"dtype {dt} has no size")
         if shape is None:
-            count = avail // dt.itemsize
+            count = avail // itemsize
         else:
             try:
                 shape = (_operator.index(shape),)
@@ -230,24 +258,39 @@ cdef class View:
                     raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                                      f"shape {shape} has a negative dimension")
                 count *= s
-            if count * dt.itemsize > avail:
+            if count * itemsize > avail:
                 raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                                  f"an array of shape {shape} and dtype {dt} needs "
-                                 f"{count * dt.itemsize} bytes; the view has {avail} "
+                                 f"{count * itemsize} bytes; the view has {avail} "
                                  f"from offset {off}")
+        # The export goes to np.frombuffer's memoryview, which every array
+        # made from it keeps alive (as its base), and which is tracked below:
+        # it does not expose the address as an unknown consumer does.
+        self.lending = True
         try:
-            base = np.frombuffer(self, dtype=dt, count=count, offset=off)
+            # positional: NumPy parses keywords here at three times the cost
+            base = np.frombuffer(self, dt, count, off)
             # a subarray dtype ("(2,3)i4") adds its own dimensions after the shape
             out = base if shape is None else base.reshape(shape + dt.shape)
         except ValueError as exc:    # object dtypes, more dimensions than NumPy allows
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot make an array of dtype {dt} and shape {shape}: {exc}") from None
-        if self.arrays is None:
-            self.arrays = []
-        else:
-            self.arrays = [t for t in self.arrays if t[0]() is not None]
-        # The flat base is what holds the export; the caller's shape names it.
-        self.arrays.append((_weakref.ref(base), f"{dt}{list(out.shape)}"))
+        finally:
+            self.lending = False
+        mv = base.base
+        if type(mv) is not memoryview:    # a NumPy that holds the buffer otherwise
+            self.exposed = True
+            mv = base
+        # The memoryview holds the export; the caller's shape names the array.
+        # The description is formatted only for a BufferError (str(dtype) is
+        # slow), and dead entries are dropped once the list has doubled.
+        arrays = self.arrays
+        if arrays is None:
+            self.arrays = arrays = []
+        elif len(arrays) >= self.arrays_prune_at:
+            arrays[:] = [t for t in arrays if t[0]() is not None]
+            self.arrays_prune_at = 2 * len(arrays) + 8
+        arrays.append((_weakref.ref(mv), dt, out.shape))
         return out
 
     # mmap-like indexing: view[i] is an int, view[a:b] bytes.

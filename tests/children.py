@@ -16,11 +16,26 @@ import pytest
 TIMEOUT = 30.0   # seconds any one child may take, unless a test says otherwise
 
 
-def _stderr_of(proc):
-    try:
-        return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    except (OSError, ValueError):
+def _stderr_of(proc, timeout=2.0):
+    """What proc wrote on stderr, read for at most timeout: a grandchild (or
+    the child itself, still alive) may hold the pipe open, and read() to EOF
+    would then wait for it."""
+    if proc.stderr is None:
         return ""
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = proc.stderr.fileno()
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            out += chunk
+    except (OSError, ValueError):
+        pass
+    return out.decode(errors="replace")
 
 
 def run_python(code, timeout=TIMEOUT, **kwargs):
@@ -124,6 +139,31 @@ def join(proc, timeout=TIMEOUT):
         proc.join(5)
         pytest.fail(f"process {proc.pid} did not finish in {timeout} s")
     return proc.exitcode
+
+
+def join_all(procs, timeout=TIMEOUT):
+    """Join multiprocessing.Processes within one deadline; their exit codes.
+    Those still alive then are killed and the test fails."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0))
+    late = [p.pid for p in procs if p.is_alive()]
+    if late:
+        reap(procs)
+        pytest.fail(f"processes {late} did not finish in {timeout} s")
+    return [p.exitcode for p in procs]
+
+
+def reap(procs):
+    """Kill and join whatever is still alive of procs (multiprocessing.Process);
+    for finally: blocks, so that a failed test leaves no child behind (the
+    interpreter joins live multiprocessing children at exit, without limit)."""
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            p.kill()
+    for p in procs:
+        if p.pid is not None:
+            p.join(5)
 
 
 def wait_pid(pid, timeout=TIMEOUT):

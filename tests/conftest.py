@@ -3,8 +3,11 @@
 FMAP_RUNTIME_DIR is set before fmap is imported anywhere, and child processes
 inherit it, so tests never see (or leave) names in the user's real registry.
 """
+import faulthandler
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
@@ -35,7 +38,31 @@ def runtime_dir():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    # A multiprocessing child left alive by a failed test would make the
+    # interpreter's exit wait for it (multiprocessing joins its children at
+    # exit, without a timeout): kill them first.
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join(5)
     shutil.rmtree(_base, ignore_errors=True)
+
+
+# Hangs (timeouts in pyproject.toml).  pytest-timeout fails a test that
+# overstays by raising in the main thread (SIGALRM), and the test's teardown
+# still kills its children; every wait in the tests has a shorter timeout of
+# its own, with a better message.  SIGALRM cannot get through everything
+# (a call blocked in C that restarts itself on EINTR, code that swallows the
+# exception), so pytest's faulthandler_timeout, a watchdog thread that needs
+# neither the main thread nor the GIL, dumps every stack and ends the run a
+# minute later.  Neither covers the interpreter's exit, which joins
+# non-daemon threads and multiprocessing children without a limit: the same
+# watchdog covers that.
+EXIT_GRACE = 60
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    faulthandler.dump_traceback_later(EXIT_GRACE, exit=True, file=sys.__stderr__)
 
 
 def shmem_kib():

@@ -15,7 +15,7 @@ import pytest
 
 import fmap
 from fmap import _fmap
-from children import children, poll, run_python  # noqa: F401 - fixture
+from children import _stderr_of, children, poll, run_python  # noqa: F401 - fixture
 from conftest import shmem_kib
 
 MiB = 1 << 20
@@ -207,7 +207,7 @@ def _check_running(procs):
     for p in procs:
         rc = p.proc.poll()
         assert rc is None, f"looper {p.pid} exited ({rc}) before being killed:\n" \
-                           f"{p.proc.stderr.read().decode(errors='replace')}"
+                           f"{_stderr_of(p.proc)}"
 
 
 def _registry_usable(names, timeout=5.0):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fmap
+from children import children  # noqa: F401 - fixture
 from conftest import raises
 
 G = fmap.ALLOCATION_GRANULARITY
@@ -72,25 +73,21 @@ def test_size_checked_before_lookup_of_name_of_another_type(name, closer):
         fmap.create(name, size=0)            # not WrongTypeError: the name is never looked up
 
 
-def test_size_checked_before_lookup_of_name_held_by_another_process(name):
-    child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, fmap
-            m = fmap.create({name!r}, size=4096)
-            print("ready", flush=True)
-            sys.stdin.read()
-            m.close()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
-            fmap.create(name, size=0)
-        with fmap.create(name, size=4096) as m:     # the control: the name is there
-            assert m.created is False
-    finally:
-        child.communicate("", timeout=30)
-    assert child.returncode == 0
+def test_size_checked_before_lookup_of_name_held_by_another_process(name, children):
+    child = children(textwrap.dedent(f"""
+        import sys, fmap
+        m = fmap.create({name!r}, size=4096)
+        print("ready", flush=True)
+        sys.stdin.read()
+        m.close()
+    """))
+    child.expect("ready")
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+        fmap.create(name, size=0)
+    with fmap.create(name, size=4096) as m:         # the control: the name is there
+        assert m.created is False
+    rc, err = child.finish()
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("size", [1.0, "1", b"1", True, [1]])
@@ -737,3 +734,36 @@ def test_fileno(closer):
     m = closer(fmap.create(size=4097))
     fd = m.fileno()
     assert os.fstat(fd).st_size == 4097
+
+
+# ---- a second handle in the process that holds one
+
+@pytest.mark.parametrize("protect, access, mode", [
+    ("rw", "rw", os.O_RDWR), ("rw", "r", os.O_RDONLY), ("rw", "c", os.O_RDONLY),
+    ("r", "rw", os.O_RDONLY), ("c", "rw", os.O_RDONLY),
+])
+def test_open_in_the_holding_process_gets_only_its_access(name, closer, protect, access, mode):
+    # Opening a name this process holds duplicates its fd when the access is
+    # the same; a handle must never share a more capable file than it asked for.
+    import fcntl
+    m = closer(fmap.create(name, size=4096, protect=protect))
+    o = closer(fmap.open(name, access=access))
+    assert fcntl.fcntl(o.fileno(), fcntl.F_GETFL) & os.O_ACCMODE == mode
+    assert os.fstat(o.fileno()).st_ino == os.fstat(m.fileno()).st_ino
+    if mode == os.O_RDONLY:
+        with raises(PermissionError):
+            o.map("rw")
+
+
+def test_open_does_not_trust_an_own_fd_closed_behind_its_back(name):
+    # A record of this process names fd N; N now holds another file: it is
+    # not the object, and the record is stale (the name had no other holder).
+    m = fmap.create(name, size=4096)
+    fd = m.fileno()
+    with open(os.devnull, "rb") as other:
+        os.dup2(other.fileno(), fd)
+    try:
+        with raises(FileNotFoundError):
+            fmap.open(name)
+    finally:
+        m.close()                       # closes the /dev/null now at fd

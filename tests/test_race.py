@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fmap
-from children import join
+from children import join_all, reap
 
 NPROCS = 16
 TIMEOUT = 60
@@ -77,14 +77,10 @@ def test_sixteen_processes_race_to_create_one_name(ctx, rounds, name):
                 slots = v.asarray("uint32")[:NPROCS].copy()
             assert (slots == np.arange(1, NPROCS + 1)).all(), f"{n}: {slots}"
         done.set()
-        for p in procs:
-            assert join(p, TIMEOUT) == 0
+        assert join_all(procs, TIMEOUT) == [0] * NPROCS
     finally:
         done.set()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        reap(procs)
     for n in names:
         with pytest.raises(FileNotFoundError):
             fmap.open(n)

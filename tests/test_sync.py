@@ -28,6 +28,20 @@ def closer():
         h.close()
 
 
+def start_thread(target):
+    """A daemon thread running target: one stuck in a wait fails its test (the
+    joins are bounded) but cannot keep the interpreter from exiting."""
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+def join(threads, timeout=10):
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), f"{t.name} did not finish in {timeout} s"
+
+
 def in_thread(fn, *args, timeout=10):
     """Run fn in another thread; its result, or its exception re-raised."""
     out = {}
@@ -38,10 +52,7 @@ def in_thread(fn, *args, timeout=10):
         except BaseException as exc:  # noqa: BLE001 - handed back to the test
             out["error"] = exc
 
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "thread did not finish"
+    join([start_thread(run)], timeout)
     if "error" in out:
         raise out["error"]
     return out.get("value")
@@ -86,9 +97,9 @@ def test_mutex_with_block_and_other_thread_waits(name, closer):
     got = []
     with m as held:
         assert held is m and m.owned and m.abandoned is False
-        t = threading.Thread(target=lambda: got.append(m.acquire(timeout=10)) or m.release())
-        t.start()                         # blocks (GIL released) until we leave the block
-    t.join(10)
+        # blocks (GIL released) until we leave the block
+        t = start_thread(lambda: got.append(m.acquire(timeout=10)) or m.release())
+    join([t])
     assert got == [True]
 
 
@@ -171,13 +182,10 @@ def test_semaphore_wakes_waiting_threads(name, closer):
     s = fmap.Semaphore.create(name, 0, 10)
     closer(s)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(s.acquire(timeout=10)))
+    threads = [start_thread(lambda: results.append(s.acquire(timeout=10)))
                for _ in range(4)]
-    for t in threads:
-        t.start()
     s.release(4)
-    for t in threads:
-        t.join(10)
+    join(threads)
     assert results == [True] * 4 and s.count == 0
 
 
@@ -199,13 +207,10 @@ def test_event_auto_reset_releases_exactly_one_waiter(name, closer):
     e = fmap.Event.create(name)
     closer(e)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(e.wait(timeout=1.0)))
+    threads = [start_thread(lambda: results.append(e.wait(timeout=1.0)))
                for _ in range(4)]
-    for t in threads:
-        t.start()
     e.set()
-    for t in threads:
-        t.join(10)
+    join(threads)
     assert sorted(results) == [False, False, False, True]
     assert not e.is_set()
 
@@ -218,13 +223,10 @@ def test_event_manual_reset(name, closer):
     e.reset()
     assert e.wait(0) is False and e.wait(0.02) is False
     results = []
-    threads = [threading.Thread(target=lambda: results.append(e.wait(timeout=10)))
+    threads = [start_thread(lambda: results.append(e.wait(timeout=10)))
                for _ in range(4)]
-    for t in threads:
-        t.start()
     e.set()
-    for t in threads:
-        t.join(10)
+    join(threads)
     assert results == [True] * 4 and e.is_set()
 
 
@@ -272,18 +274,18 @@ def test_wait_any_blocks_until_another_thread_signals(name, closer):
             m.release()
         return i, owned
 
+    # timeout=None on purpose (the forever path); the closer's close() ends a
+    # waiter that was never signalled, and the thread is a daemon.
     t_result = []
-    t = threading.Thread(target=lambda: t_result.append(waiter()))
-    t.start()
+    t = start_thread(lambda: t_result.append(waiter()))
     m.release()                           # the waiter gets the mutex
-    t.join(10)
+    join([t])
     assert t_result == [(1, True)]
     t_result.clear()
-    m.acquire()
-    t = threading.Thread(target=lambda: t_result.append(waiter()))
-    t.start()
+    assert m.acquire(timeout=10)
+    t = start_thread(lambda: t_result.append(waiter()))
     e.set()
-    t.join(10)
+    join([t])
     assert t_result == [(0, False)]
     m.release()
 
@@ -394,11 +396,10 @@ def test_close_while_another_thread_waits(name):
         except ValueError as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=waiter)
-    t.start()
+    t = start_thread(waiter)              # waits forever: close() must end it
     e.close()
-    t.join(10)
-    assert not t.is_alive() and len(errors) == 1
+    join([t])
+    assert len(errors) == 1
 
 
 def test_close_owned_mutex_keeps_it_owned(name, closer):

@@ -1,10 +1,11 @@
 """Crashes and Ctrl-C: a mutex whose owner is SIGKILLed (or whose owning thread
 ends) goes to the next acquirer, abandoned; names of killed holders go away;
-a wait blocked without timeout raises KeyboardInterrupt on SIGINT."""
-import os
+a wait blocked without timeout raises KeyboardInterrupt on SIGINT.
+
+Children are tests/children.py's: every read from them is bounded and the
+fixture kills them at teardown, so a failed test leaves no child blocked on a
+mutex or sleeping with a handle."""
 import signal
-import subprocess
-import sys
 import textwrap
 from contextlib import closing
 import threading
@@ -13,42 +14,44 @@ import time
 import pytest
 
 import fmap
+from children import children, poll  # noqa: F401 - fixture
 
 CHILD_TIMEOUT = 30
 
 
-def spawn_owner(name, depth=1):
+def spawn_owner(children, name, depth=1):
     """A process that opens mutex `name`, acquires it `depth` times, says so
-    and sleeps until killed."""
+    and waits until killed (or until its stdin closes)."""
     code = textwrap.dedent(f"""
-        import sys, time, fmap
+        import sys, fmap
         m = fmap.Mutex.open({name!r})
         for _ in range({depth}):
-            m.acquire()
-        print("owned", flush=True)
-        time.sleep(60)
+            m.acquire(timeout={CHILD_TIMEOUT})
+        print("owned", m.owned, flush=True)
+        sys.stdin.read()
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "owned"
-    return p
+    c = children(code)
+    assert c.expect("owned") == "owned True"
+    return c
 
 
-def kill(p):
-    p.send_signal(signal.SIGKILL)
-    p.wait(CHILD_TIMEOUT)
+def kill(child):
+    child.kill()
+    assert child.proc.returncode == -signal.SIGKILL
 
 
-def test_sigkill_owner_while_another_waits(name):
+def test_sigkill_owner_while_another_waits(name, children):
     m = fmap.Mutex.create(name)
     try:
-        p = spawn_owner(name, depth=3)
+        p = spawn_owner(children, name, depth=3)
         got = []
         waiter = threading.Thread(target=lambda: got.append((m.acquire(timeout=CHILD_TIMEOUT),
-                                                            m.abandoned)))
+                                                            m.abandoned)), daemon=True)
         waiter.start()
         assert m.acquire(timeout=0) is False     # owned by the child
         kill(p)
         waiter.join(CHILD_TIMEOUT)
+        assert not waiter.is_alive()
         assert got == [(True, True)]            # the waiting thread got it, abandoned
         # That thread ended holding it: abandoned again, with depth reset to 1.
         assert m.acquire(timeout=CHILD_TIMEOUT) and m.abandoned
@@ -60,10 +63,10 @@ def test_sigkill_owner_while_another_waits(name):
         m.close()
 
 
-def test_sigkill_owner_waiter_is_another_process(name):
+def test_sigkill_owner_waiter_is_another_process(name, children):
     m = fmap.Mutex.create(name)
     try:
-        owner = spawn_owner(name)
+        owner = spawn_owner(children, name)
         code = textwrap.dedent(f"""
             import sys, fmap
             m = fmap.Mutex.open({name!r})
@@ -71,9 +74,8 @@ def test_sigkill_owner_waiter_is_another_process(name):
             ok = m.acquire(timeout={CHILD_TIMEOUT})
             sys.exit(0 if ok and m.abandoned else 1)
         """)
-        waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                  text=True)
-        assert waiter.stdout.readline().strip() == "waiting"
+        waiter = children(code)
+        waiter.expect("waiting")
         kill(owner)
         assert waiter.wait(CHILD_TIMEOUT) == 0
         assert m.acquire(timeout=CHILD_TIMEOUT) and m.abandoned   # the waiter died holding it
@@ -82,11 +84,11 @@ def test_sigkill_owner_waiter_is_another_process(name):
         m.close()
 
 
-def test_sigkill_owner_nobody_waiting_then_wait_any(name):
+def test_sigkill_owner_nobody_waiting_then_wait_any(name, children):
     m = fmap.Mutex.create(name)
     e = fmap.Event.create(None)
     try:
-        kill(spawn_owner(name))
+        kill(spawn_owner(children, name))
         assert "abandoned" in repr(m)
         # wait_any sees the abandonment too (no release ever signals it).
         assert fmap.wait_any([e, m], timeout=CHILD_TIMEOUT) == 1
@@ -101,10 +103,15 @@ def test_sigkill_owner_nobody_waiting_then_wait_any(name):
 def test_thread_exits_holding_the_mutex(name):
     m = fmap.Mutex.create(name)
     try:
-        t = threading.Thread(target=lambda: m.acquire() and m.acquire())
+        t = threading.Thread(target=lambda: m.acquire() and m.acquire(), daemon=True)
         t.start()
         t.join(CHILD_TIMEOUT)
-        with m:                       # blocks until the kernel marks it abandoned
+        assert not t.is_alive()
+        # join() returns before the OS thread is gone; the kernel marks the
+        # mutex abandoned when it is.  Wait for that (bounded), so that the
+        # `with` below cannot block for good.
+        assert poll(lambda: "abandoned" in repr(m), timeout=CHILD_TIMEOUT), repr(m)
+        with m:
             assert m.abandoned
         with m:
             assert not m.abandoned
@@ -112,17 +119,17 @@ def test_thread_exits_holding_the_mutex(name):
         m.close()
 
 
-def test_killed_holders_take_the_names(name):
+def test_killed_holders_take_the_names(name, children):
     code = textwrap.dedent(f"""
-        import time, fmap
+        import sys, fmap
         objs = [fmap.Mutex.create({name!r} + "m", owned=True),
                 fmap.Semaphore.create({name!r} + "s", 1, 2),
                 fmap.Event.create({name!r} + "e")]
         print("made", flush=True)
-        time.sleep(60)
+        sys.stdin.read()
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "made"
+    p = children(code)
+    p.expect("made")
     with closing(fmap.Semaphore.open(name + "s")) as s:
         assert s.maximum == 2
     kill(p)
@@ -131,23 +138,36 @@ def test_killed_holders_take_the_names(name):
             cls.open(name + suffix)
 
 
-def test_killed_waiter_leaves_the_semaphore_working(name):
+def test_killed_waiter_leaves_the_semaphore_working(name, children):
     s = fmap.Semaphore.create(name, 0, 1)
     try:
         code = textwrap.dedent(f"""
             import fmap
             s = fmap.Semaphore.open({name!r})
             print("waiting", flush=True)
-            s.acquire()
+            s.acquire(timeout={CHILD_TIMEOUT})
         """)
-        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert p.stdout.readline().strip() == "waiting"
-        time.sleep(0.2)
+        p = children(code)
+        p.expect("waiting")
+        # Killed while blocked in the wait (it reaches it within a few ms).
+        assert poll(lambda: _waiting_in_kernel(p.pid), timeout=CHILD_TIMEOUT)
         kill(p)
         assert s.release() == 0 and s.count == 1      # nothing was taken by the dead
         assert s.acquire(timeout=0) and s.acquire(timeout=0.01) is False
     finally:
         s.close()
+
+
+def _waiting_in_kernel(pid):
+    """True when process pid sleeps (state S) in a futex wait."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        return False
+    return state == "S" and (not wchan or "futex" in wchan or wchan == "0")
 
 
 # ---- Ctrl-C ---------------------------------------------------------------
@@ -161,32 +181,28 @@ WAITS = {
 
 
 @pytest.mark.parametrize("kind", sorted(WAITS))
-def test_ctrl_c_interrupts_a_blocked_wait(name, kind):
+def test_ctrl_c_interrupts_a_blocked_wait(name, kind, children):
     m = fmap.Mutex.create(name, owned=True)    # held here, so the child's waits block
     try:
         code = textwrap.dedent(f"""
             import sys, time, fmap
             NAME = {name!r}
-            print("waiting", flush=True)
             try:
+                print("waiting", flush=True)
                 {WAITS[kind]}
             except KeyboardInterrupt:
                 print("interrupted", time.monotonic(), flush=True)
                 sys.exit(0)
             sys.exit(1)
         """)
-        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        try:
-            assert p.stdout.readline().strip() == "waiting"
-            time.sleep(0.3)                    # let it block
-            sent = time.monotonic()
-            p.send_signal(signal.SIGINT)
-            assert p.wait(5) == 0
-            word, when = p.stdout.readline().split()
-            assert word == "interrupted" and float(when) - sent < 2.0
-        finally:
-            if p.poll() is None:
-                kill(p)
+        p = children(code)     # its wait has no timeout: the fixture kills it if need be
+        p.expect("waiting")
+        assert poll(lambda: _waiting_in_kernel(p.pid), timeout=CHILD_TIMEOUT)
+        sent = time.monotonic()
+        p.proc.send_signal(signal.SIGINT)
+        word, when = p.expect("interrupted", timeout=5).split()
+        assert float(when) - sent < 2.0
+        assert p.wait(5) == 0
     finally:
         m.release()
         m.close()

@@ -1,8 +1,9 @@
 """Mutex, Semaphore and Event between real processes, spawned and forked.
 
 Children get objects by name, by pickling (multiprocessing passes the
-handles) and, for unnamed objects, by fork().  Every join is bounded; a child
-reports failure through its exit code."""
+handles) and, for unnamed objects, by fork().  Every join is bounded, every
+wait in a child has a timeout, and whatever a failed test leaves alive is
+killed in its finally; a child reports failure through its exit code."""
 import multiprocessing as mp
 import os
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import fmap
+from children import join_all, reap, wait_pid
 
 CONTEXTS = ["fork", "spawn"]
 JOIN = 60
@@ -17,15 +19,12 @@ JOIN = 60
 
 def run_all(ctx, target, argss):
     procs = [ctx.Process(target=target, args=args) for args in argss]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * len(procs)
+    try:
+        for p in procs:
+            p.start()
+        assert join_all(procs, JOIN) == [0] * len(procs)
+    finally:
+        reap(procs)
 
 
 # ---- 8 processes x 10,000 increments under one mutex ------------------------
@@ -81,11 +80,12 @@ def test_semaphore_producers_consumers(name, method):
     try:
         procs = [ctx.Process(target=_consume, args=(sem, 2000)) for _ in range(3)]
         procs += [ctx.Process(target=_produce, args=(sem, 3000)) for _ in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN)
-        assert [p.exitcode for p in procs] == [0] * 5
+        try:
+            for p in procs:
+                p.start()
+            assert join_all(procs, JOIN) == [0] * 5
+        finally:
+            reap(procs)
         assert sem.count == 0
     finally:
         sem.close()
@@ -153,8 +153,8 @@ def test_event_ping_pong(name, method):
     pong = fmap.Event.create(name + ".pong")
     mem = fmap.create(name + ".mem", size=8)
     rounds = 2000
+    p = ctx.Process(target=_pong, args=(ping, pong, name + ".mem", rounds))
     try:
-        p = ctx.Process(target=_pong, args=(ping, pong, name + ".mem", rounds))
         p.start()
         with mem.map() as v:          # bytes, not an array: a failed assert must not
             for i in range(rounds):   # turn into a BufferError when the view closes
@@ -162,9 +162,9 @@ def test_event_ping_pong(name, method):
                 ping.set()
                 assert pong.wait(timeout=30), f"round {i}: no answer; partner {p.exitcode}"
                 assert int.from_bytes(v[:8], "little") == 2 * i + 2
-        p.join(JOIN)
-        assert p.exitcode == 0
+        assert join_all([p], JOIN) == [0]
     finally:
+        reap([p])
         for h in (ping, pong, mem):
             h.close()
 
@@ -181,27 +181,29 @@ def test_manual_event_releases_every_process(name):
     ctx = mp.get_context("fork")
     go = fmap.Event.create(name, manual_reset=True)
     done = fmap.Semaphore.create(None, 0, 100)        # unnamed: inherited by fork
+    procs = [ctx.Process(target=_broadcast_waiter, args=(name, done)) for _ in range(6)]
     try:
-        procs = [ctx.Process(target=_broadcast_waiter, args=(name, done)) for _ in range(6)]
         for p in procs:
             p.start()
         go.set()
-        for p in procs:
-            p.join(JOIN)
-        assert [p.exitcode for p in procs] == [0] * 6
+        assert join_all(procs, JOIN) == [0] * 6
         assert done.count == 6 and go.is_set()
     finally:
+        reap(procs)
         go.close()
         done.close()
 
 
-def _auto_waiter(ev, lock, mem_name):
+def _auto_waiter(ev, done, lock, mem_name):
+    # Until the parent says it is done, not until a quiet spell: a parent
+    # descheduled for a while on a loaded machine must not end the waiters.
     mem = fmap.open(mem_name)
     with mem.map() as v:
         a = v.asarray("int64", shape=(1,))
-        while ev.wait(timeout=1.5):
-            with lock:
-                a[0] += 1
+        while not done.is_set():
+            if ev.wait(timeout=0.1):
+                with lock:
+                    a[0] += 1
         del a
     mem.close()
 
@@ -209,11 +211,12 @@ def _auto_waiter(ev, lock, mem_name):
 def test_auto_event_releases_one_process_per_set(name):
     ctx = mp.get_context("fork")
     ev = fmap.Event.create(None)
+    done = fmap.Event.create(None, manual_reset=True)
     lock = fmap.Mutex.create(None)
     mem = fmap.create(name, size=8)
     sets = 200
+    procs = [ctx.Process(target=_auto_waiter, args=(ev, done, lock, name)) for _ in range(4)]
     try:
-        procs = [ctx.Process(target=_auto_waiter, args=(ev, lock, name)) for _ in range(4)]
         for p in procs:
             p.start()
         for i in range(sets):
@@ -223,13 +226,13 @@ def test_auto_event_releases_one_process_per_set(name):
             while ev.is_set():
                 assert time.monotonic() < deadline, f"set {i} was never taken"
                 os.sched_yield()
-        for p in procs:
-            p.join(JOIN)
-        assert [p.exitcode for p in procs] == [0] * 4
+        done.set()
+        assert join_all(procs, JOIN) == [0] * 4
         with mem.map() as v:
             assert int.from_bytes(v[:8], "little") == sets
     finally:
-        for h in (ev, lock, mem):
+        reap(procs)
+        for h in (ev, done, lock, mem):
             h.close()
 
 
@@ -241,23 +244,30 @@ def test_unnamed_objects_follow_fork():
     m = fmap.Mutex.create(None, owned=True)
     pid = os.fork()
     if pid == 0:
+        # Whatever happens, this copy of pytest must not return into the run.
+        ok = False
         try:
             ok = ev.wait(timeout=30)
             # The parent owns the mutex; a forked child does not.
             ok = ok and not m.owned and m.acquire(timeout=30)
-            m.release()
+            if ok:
+                m.release()
             back.set()
+        except BaseException:  # noqa: BLE001 - reported by the exit code
+            ok = False
         finally:
             os._exit(0 if ok else 1)
     try:
-        ev.set()
-        m.release()
-        assert back.wait(timeout=30)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        try:
+            ev.set()
+            m.release()
+            answered = back.wait(timeout=30)
+        finally:
+            status = wait_pid(pid)        # bounded: kills the child if it overstays
     finally:
         for h in (ev, back, m):
             h.close()
+    assert answered and status == 0
 
 
 def _wait_any_child(objs, report):
@@ -271,13 +281,13 @@ def test_wait_any_across_processes(name, method):
     ctx = mp.get_context(method)
     objs = [fmap.Event.create(name + ".e"), fmap.Semaphore.create(None, 0, 1)]
     report = fmap.Semaphore.create(name + ".r", 0, 100)
+    p = ctx.Process(target=_wait_any_child, args=(objs, report))
     try:
-        p = ctx.Process(target=_wait_any_child, args=(objs, report))
         p.start()
         objs[1].release()
-        p.join(JOIN)
-        assert p.exitcode == 0
+        assert join_all([p], JOIN) == [0]
         assert report.count == 11 and objs[1].count == 0
     finally:
+        reap([p])
         for h in objs + [report]:
             h.close()

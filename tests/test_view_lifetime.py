@@ -86,6 +86,30 @@ def test_close_message_names_arrays_and_memoryviews(mapping):
     v.close()
 
 
+def test_close_message_counts_only_live_arrays(mapping):
+    # asarray() keeps a record per array for this message and drops the dead
+    # ones in batches: many short-lived arrays must neither be counted nor pile up.
+    v = mapping.map()
+    keep = v.asarray("uint16", shape=(3, 5))
+    for i in range(1000):
+        v.asarray("float32" if i % 2 else np.int8)
+    with raises(BufferError) as info:
+        v.close()
+    assert "1 NumPy array(s) from asarray() (uint16[3, 5])" in str(info.value)
+    assert "other buffer" not in str(info.value)
+    del keep
+    v.close()
+
+
+def test_asarray_dtype_forms_agree(mapping):
+    v = mapping.map()
+    for spec in ("<u2", "uint16", np.uint16, np.dtype("uint16")):
+        a = v.asarray(spec, shape=4)
+        assert a.dtype == np.dtype("uint16") and a.shape == (4,)
+    a = v.asarray("(2,3)i4", shape=2)        # a subarray dtype adds its dimensions
+    assert a.shape == (2, 2, 3) and a.dtype == np.dtype("i4")
+
+
 def test_context_manager_exit_refuses_with_live_export(mapping):
     with pytest.raises(BufferError):
         with mapping.map() as v:
@@ -372,3 +396,80 @@ def test_mapping_is_freed_when_unreferenced(name):
     del m
     assert r() is None                                 # views do not keep it
     v.close()
+
+
+# ---- the address range of a closed view
+
+def test_placeholder_of_a_live_view_is_never_reused(closer):
+    # A stale array keeps its View, hence its placeholder: no later view may
+    # take that range, and the array keeps reading zeros.
+    m = closer(fmap.create(size=SIZE))
+    v = m.map()
+    v[:4] = b"data"
+    stale = np.ndarray((SIZE,), np.uint8, buffer=v)     # holds no export
+    v.close()
+    del v
+    others = [closer(m.map()) for _ in range(8)]
+    for w in others:
+        w[:4] = b"next"
+        assert not (w.address <= stale.ctypes.data < w.address + len(w))
+    assert not stale.any()
+
+
+def _mapped_at(address, length):
+    """Is exactly [address, address + length) one mapping of this process?"""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo == address:
+                return hi - lo >= length
+    return False
+
+
+def test_close_after_asarray_arrays_are_gone_unmaps(closer):
+    # An asarray() array's pointer is valid while the array lives (NumPy's
+    # rule); once every array is gone, close() unmaps as for a view nobody saw,
+    # one system call instead of a placeholder's two.
+    m = closer(fmap.create(size=SIZE))
+    v = m.map()
+    a = v.asarray("uint8")
+    address = a.ctypes.data
+    b = a[1:].reshape(-1)
+    del a
+    with raises(BufferError):
+        v.close()                                # b keeps the export
+    del b
+    v.close()
+    assert not _mapped_at(address, SIZE)
+
+
+def test_array_that_outlives_a_released_memoryview_reads_zeros(closer):
+    # memoryview.release() on an array's base gives the export back while the
+    # array still points into the view: close must leave a placeholder.
+    m = closer(fmap.create(size=SIZE))
+    v = m.map()
+    v[:4] = b"data"
+    a = v.asarray("uint8")
+    a.base.release()
+    v.close()
+    assert _mapped_at(a.ctypes.data, SIZE)
+    assert not a.any()
+    a[:4] = 1                                    # writes nowhere shared
+    assert closer(m.map())[:4] == b"data"
+
+
+@pytest.mark.parametrize("exposure", ["address", "memoryview", "ndarray(buffer=)"])
+def test_other_exposures_still_leave_a_placeholder(closer, exposure):
+    m = closer(fmap.create(size=SIZE))
+    v = m.map()
+    v.asarray("uint8")                           # an asarray array came and went
+    if exposure == "address":
+        address = v.address
+    elif exposure == "memoryview":
+        with memoryview(v) as mv:
+            address = np.frombuffer(mv, np.uint8).ctypes.data
+    else:
+        address = np.ndarray((SIZE,), np.uint8, buffer=v).ctypes.data
+    v.close()
+    assert _mapped_at(address, SIZE)
+    assert ctypes.string_at(address, 4) == bytes(4)

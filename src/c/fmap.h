@@ -27,7 +27,8 @@ enum fmap_status {
     FMAP_EGONE = -11,       /* a handle passed between processes no longer exists */
     FMAP_ENOTOWNER = -12,   /* release of a mutex the calling thread does not own */
     FMAP_ELIMIT = -13,      /* semaphore release past its maximum count */
-    FMAP_EBADADDR = -14     /* map at a fixed address outside the user address space */
+    FMAP_EBADADDR = -14,    /* map at a fixed address outside the user address space */
+    FMAP_ECOMMIT = -15      /* not enough memory to commit an object (ERROR_COMMITMENT_LIMIT) */
 };
 
 typedef struct {
@@ -53,6 +54,7 @@ enum fmap_access {
 };
 
 #define FMAP_F_FILE 1u      /* object flag: backed by a regular file */
+#define FMAP_F_COMMITTED 2u /* object flag: paging-file memory allocated at creation */
 
 /* Longest registry key: one namespace byte and up to 255 bytes of UTF-8. */
 #define FMAP_KEY_MAX 256
@@ -71,7 +73,6 @@ typedef struct {
     uint32_t flags;         /* FMAP_F_* of the new object */
     uint64_t size;
     uint32_t protect;
-    int populate;           /* allocate the memory now */
     const char *label;      /* memfd label, for /proc/<pid>/maps */
     /* Called with the new object's fd before its name is published (the
        registry lock is held): lays out the object's initial state, so no
@@ -102,6 +103,24 @@ uint64_t fmap_self_start(void);           /* ours, cached */
 
 /* ---- objects and views ----------------------------------------------- */
 int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e);
+
+/* Progress of fmap_memfd_commit, kept by the caller between calls. */
+typedef struct {
+    uint64_t done;          /* bytes from offset 0 allocated so far */
+    uint64_t chunk;         /* bytes per allocation step; 0 = not started */
+    uint64_t avail;         /* on FMAP_ECOMMIT: the memory there was room for */
+} fmap_commit;
+
+/* Commit a memfd's memory now, as Windows commits a paging-file section at
+   creation: call until c->done reaches size; each call allocates one step
+   (at most 256 MiB, so the caller can check for signals between steps),
+   having checked that what is still unallocated fits in the memory the
+   machine and the caller's memory cgroup can give, so that it ends in
+   FMAP_ECOMMIT and never in the OOM killer.  Returns FMAP_OK; FMAP_WAIT_INTR
+   when a signal stopped the step (check it, call again); FMAP_ECOMMIT; or an
+   error.  A failed step is undone by the kernel; closing the memfd frees the
+   rest. */
+int fmap_memfd_commit(int fd, uint64_t size, fmap_commit *c, fmap_err *e);
 /* Check a file fd against protect, grow it to *size if asked (0 = the file's
    size, returned in *size). */
 int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e);

@@ -48,6 +48,9 @@
 /* The top of the user address space with 4-level paging (x86_64 TASK_SIZE). */
 #define USER_TOP (((uintptr_t)1 << 47) - 4096)
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
@@ -180,11 +183,6 @@ int fmap_memfd_new(const fmap_newobj *spec, int *out, fmap_err *e)
         close(fd);
         return e->status;
     }
-    if (spec->populate && fallocate(fd, 0, 0, (off_t)spec->size) != 0) {
-        sys_fail(e, "fallocate");
-        close(fd);
-        return e->status;
-    }
     /* Fixed size: nobody, not even a same-user process reaching the fd through
        /proc, can shrink the memory under another process's view (SIGBUS). */
     int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
@@ -206,6 +204,203 @@ int fmap_memfd_new(const fmap_newobj *spec, int *out, fmap_err *e)
         return e->status;
     }
     *out = fd;
+    return FMAP_OK;
+}
+
+/* ---- committing memory -------------------------------------------------- */
+
+/* A memfd lives on the kernel's internal tmpfs mount, which has no size limit:
+   /dev/shm's size does not apply, and filling it with fallocate past what the
+   machine has would summon the OOM killer (vm.overcommit_memory 0 and 1) or
+   fail per page (2).  So fmap checks before each step.  Windows' test is the
+   commit limit, RAM plus paging file; Linux's nearest is the memory that can
+   still be had, MemAvailable plus free swap, within the memory cgroup. */
+#define COMMIT_STEP_MAX ((uint64_t)256 << 20)
+#define COMMIT_STEP_MIN ((uint64_t)1 << 20)
+
+/* Read a small text file whole; its length, -1 on failure. */
+static ssize_t read_text(const char *path, char *buf, size_t n)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = 0;
+    while (len < n - 1) {
+        ssize_t k = read(fd, buf + len, n - 1 - len);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            break;
+        len += (size_t)k;
+    }
+    close(fd);
+    buf[len] = 0;
+    return (ssize_t)len;
+}
+
+/* The number after `key` at the start of a line of buf (a "key value" or
+   "key: value kB" file); -1 if absent.  "max" reads as INT64_MAX. */
+static int64_t text_field(const char *buf, const char *key)
+{
+    size_t kl = strlen(key);
+    const char *p = buf;
+    while (*p) {
+        if (strncmp(p, key, kl) == 0 && (p[kl] == ' ' || p[kl] == ':' || p[kl] == '\t')) {
+            p += kl;
+            while (*p == ' ' || *p == '\t' || *p == ':')
+                p++;
+            return strncmp(p, "max", 3) == 0 ? INT64_MAX : (int64_t)strtoll(p, NULL, 10);
+        }
+        const char *nl = strchr(p, '\n');
+        if (!nl)
+            break;
+        p = nl + 1;
+    }
+    return -1;
+}
+
+/* One file's number (memory.max, memory.current...); -1 if unreadable. */
+static int64_t file_number(const char *dir, const char *name)
+{
+    char path[4200], buf[64];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (read_text(path, buf, sizeof buf) <= 0)
+        return -1;
+    if (strncmp(buf, "max", 3) == 0)
+        return INT64_MAX;
+    return (int64_t)strtoll(buf, NULL, 10);
+}
+
+/* Is word one of the comma-separated items of list? */
+static int in_list(const char *list, const char *word)
+{
+    size_t wl = strlen(word);
+    for (const char *p = list; p; p = strchr(p, ','), p = p ? p + 1 : NULL)
+        if (strncmp(p, word, wl) == 0 && (p[wl] == ',' || p[wl] == 0))
+            return 1;
+    return 0;
+}
+
+static uint64_t room_under(int64_t limit, int64_t usage, int64_t reclaimable)
+{
+    if (limit < 0 || usage < 0 || limit >= INT64_MAX / 2)
+        return UINT64_MAX;           /* no limit, or none we can read */
+    int64_t room = limit - usage + (reclaimable > 0 ? reclaimable : 0);
+    return room > 0 ? (uint64_t)room : 0;
+}
+
+/* The room left in the caller's memory cgroup and its ancestors, counting
+   inactive page cache as reclaimable; UINT64_MAX when unlimited. */
+static uint64_t cgroup_room(void)
+{
+    char cg[4096], dir[4200], stat[8192];
+    uint64_t room = UINT64_MAX;
+    if (read_text("/proc/self/cgroup", cg, sizeof cg) <= 0)
+        return room;
+    for (char *line = cg; line && *line;) {
+        char *next = strchr(line, '\n');
+        if (next)
+            *next++ = 0;
+        char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (c2) {
+            *c2 = 0;
+            const char *ctrl = c1 + 1, *path = c2 + 1;
+            if (*ctrl == 0 && line[0] == '0') {
+                /* cgroup v2: every ancestor's memory.max binds; the root has none. */
+                char p[4096];
+                snprintf(p, sizeof p, "%s", path);
+                for (;;) {
+                    snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", strcmp(p, "/") ? p : "");
+                    int64_t lim = file_number(dir, "memory.max");
+                    if (lim >= 0) {
+                        int64_t use = file_number(dir, "memory.current"), rec = -1;
+                        size_t dl = strlen(dir);
+                        snprintf(dir + dl, sizeof dir - dl, "/memory.stat");
+                        if (read_text(dir, stat, sizeof stat) > 0)
+                            rec = text_field(stat, "inactive_file");
+                        uint64_t r = room_under(lim, use, rec);
+                        room = r < room ? r : room;
+                    }
+                    char *slash = strrchr(p, '/');
+                    if (!slash || strcmp(p, "/") == 0)
+                        break;
+                    slash[slash == p] = 0;    /* "/a/b" -> "/a" -> "/" */
+                }
+            } else if (in_list(ctrl, "memory")) {
+                /* cgroup v1: memory.stat has the limit of the whole hierarchy. */
+                snprintf(dir, sizeof dir, "/sys/fs/cgroup/memory%s", strcmp(path, "/") ? path : "");
+                int64_t use = file_number(dir, "memory.usage_in_bytes");
+                size_t dl = strlen(dir);
+                snprintf(dir + dl, sizeof dir - dl, "/memory.stat");
+                if (use >= 0 && read_text(dir, stat, sizeof stat) > 0) {
+                    uint64_t r = room_under(text_field(stat, "hierarchical_memory_limit"), use,
+                                            text_field(stat, "total_inactive_file"));
+                    room = r < room ? r : room;
+                }
+            }
+        }
+        line = next;
+    }
+    return room;
+}
+
+/* Memory that can still be had, in bytes, less a reserve of 1/64 of RAM so
+   that committing never takes a machine to the last page. */
+static uint64_t memory_available(void)
+{
+    char buf[8192];
+    uint64_t avail = UINT64_MAX;
+    if (read_text("/proc/meminfo", buf, sizeof buf) > 0) {
+        int64_t a = text_field(buf, "MemAvailable"), sw = text_field(buf, "SwapFree");
+        int64_t total = text_field(buf, "MemTotal");
+        if (a >= 0 && total > 0) {
+            uint64_t kb = (uint64_t)a + (sw > 0 ? (uint64_t)sw : 0), reserve = (uint64_t)total / 64;
+            avail = (kb > reserve ? kb - reserve : 0) * 1024;
+        }
+    }
+    uint64_t cg = cgroup_room();
+    return cg < avail ? cg : avail;
+}
+
+int fmap_memfd_commit(int fd, uint64_t size, fmap_commit *c, fmap_err *e)
+{
+    uint64_t page = fmap_page_size();
+    uint64_t total = (size + page - 1) / page * page;
+    if (c->chunk == 0)
+        c->chunk = COMMIT_STEP_MAX;
+    if (c->done >= size)
+        return FMAP_OK;
+    /* What is still unallocated must fit: checked before every step, as other
+       processes take memory while we fill ours (under a MiB left, as small as
+       any other allocation, it is not worth the 50 us). */
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return sys_fail(e, "fstat");
+    uint64_t have = (uint64_t)st.st_blocks * 512;
+    uint64_t need = total > have ? total - have : 0;
+    uint64_t avail = need < COMMIT_STEP_MIN ? need : memory_available();
+    if (need > avail) {
+        c->avail = avail;
+        return fail(e, FMAP_ECOMMIT, ENOMEM, "commit");
+    }
+    uint64_t len = size - c->done < c->chunk ? size - c->done : c->chunk;
+    if (fallocate(fd, 0, (off_t)c->done, (off_t)len) != 0) {
+        if (errno == EINTR) {
+            /* Kernels before 2024 stop a tmpfs fallocate at any signal, and
+               undo the step: halve it, or signals coming faster than a step
+               takes would stop all progress (later ones stop only when the
+               process is killed). */
+            if (c->chunk > COMMIT_STEP_MIN)
+                c->chunk /= 2;
+            return FMAP_WAIT_INTR;
+        }
+        if (errno == ENOSPC || errno == ENOMEM) {   /* overcommit 2, or a cgroup */
+            c->avail = memory_available();
+            return fail(e, FMAP_ECOMMIT, errno, "fallocate");
+        }
+        return sys_fail(e, "fallocate");
+    }
+    c->done += len;
     return FMAP_OK;
 }
 
@@ -287,9 +482,47 @@ int fmap_dup(int fd, int *out, fmap_err *e)
     return FMAP_OK;
 }
 
-static void proc_fd_path(char *buf, size_t n, int pid, int fd)
+static char *put_uint(char *p, unsigned v)
 {
-    snprintf(buf, n, "/proc/%d/fd/%d", pid, fd);
+    char tmp[12];
+    int k = 0;
+    do
+        tmp[k++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    while (k)
+        *p++ = tmp[--k];
+    return p;
+}
+
+/* "/proc/<pid>/fd/<fd>" into buf (64 bytes): by hand, as snprintf cost a
+   tenth of a microsecond on every open. */
+static void proc_fd_path(char buf[64], int pid, int fd)
+{
+    char *p = buf;
+    memcpy(p, "/proc/", 6);
+    p = put_uint(p + 6, (unsigned)pid);
+    memcpy(p, "/fd/", 4);
+    p = put_uint(p + 4, (unsigned)fd);
+    *p = 0;
+}
+
+/* Another fd for an object this process holds at fd: a dup, as DuplicateHandle
+   makes, rather than a reopen through /proc (a path walk and a new open file,
+   3 us).  Only when fd has exactly the access wanted (a read-only handle must
+   not share a writable file) and is still the object; -1 otherwise. */
+static int dup_own(int fd, int oflags, uint64_t dev, uint64_t ino)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != (oflags & O_ACCMODE))
+        return -1;
+    int f = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (f < 0)
+        return -1;
+    struct stat st;
+    if (fstat(f, &st) == 0 && (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == ino)
+        return f;
+    close(f);
+    return -1;
 }
 
 int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *out,
@@ -297,8 +530,11 @@ int fmap_reach(int pid, int fd, int writable, uint64_t dev, uint64_t ino, int *o
 {
     char path[64];
     struct stat st;
-    proc_fd_path(path, sizeof path, pid, fd);
-    int f = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    int oflags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+    if (pid == fmap_getpid() && (*out = dup_own(fd, oflags, dev, ino)) >= 0)
+        return FMAP_OK;
+    proc_fd_path(path, pid, fd);
+    int f = open(path, oflags);
     if (f < 0) {
         int err = errno;
         /* ENXIO, EISDIR...: the fd number now names another file (a socket,
@@ -324,7 +560,9 @@ int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
 {
     int prot = access == FMAP_A_READ ? PROT_READ : PROT_READ | PROT_WRITE;
     int flags = access == FMAP_A_COPY ? MAP_PRIVATE : MAP_SHARED;
-    if (populate)
+    /* MAP_POPULATE write-faults a private writable mapping: it would copy
+       every page of a copy-on-write view.  Those are read-faulted below. */
+    if (populate && access != FMAP_A_COPY)
         flags |= MAP_POPULATE;
     if (fixed)
         flags |= MAP_FIXED_NOREPLACE;
@@ -344,6 +582,8 @@ int fmap_view_map(int fd, uint64_t offset, size_t length, uint32_t access,
         munmap(p, length);
         return fail(e, FMAP_EADDRINUSE, EEXIST, "mmap");
     }
+    if (populate && access == FMAP_A_COPY)
+        madvise(p, length, MADV_POPULATE_READ);   /* best effort; EINVAL before 5.14 */
     *out = p;
     return FMAP_OK;
 }
@@ -832,7 +1072,7 @@ static int holder_alive(fmap_reg *r, uint32_t ei, uint32_t hi)
         return !pending_expired(ho);
     char path[64];
     struct stat st;
-    proc_fd_path(path, sizeof path, ho->pid, ho->fd);
+    proc_fd_path(path, ho->pid, ho->fd);
     if (stat(path, &st) == 0)
         return (uint64_t)st.st_dev == en->dev && (uint64_t)st.st_ino == en->ino;
     return (errno == EACCES || errno == EPERM) ? -1 : 0;
@@ -869,7 +1109,16 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
     reg_entry *en = &r->entries[ei];
     int oflags = (writable && en->protect == FMAP_A_WRITE ? O_RDWR : O_RDONLY) | O_CLOEXEC;
     int denied = 0, pending = 0;
-    uint32_t link = en->head;
+    int me = fmap_getpid();
+    uint32_t link;
+    /* A handle of our own, when there is one, is the cheapest way in. */
+    for (link = en->head; link; link = r->holders[link - 1].next) {
+        reg_holder *ho = &r->holders[link - 1];
+        if (ho->state == H_LIVE && ho->pid == me &&
+            (*fd = dup_own(ho->fd, oflags, en->dev, en->ino)) >= 0)
+            return FMAP_OK;
+    }
+    link = en->head;
     while (link) {
         uint32_t hi = link - 1;
         reg_holder *ho = &r->holders[hi];
@@ -882,7 +1131,7 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
             continue;
         }
         char path[64];
-        proc_fd_path(path, sizeof path, ho->pid, ho->fd);
+        proc_fd_path(path, ho->pid, ho->fd);
         int f = open(path, oflags);
         if (f >= 0) {
             struct stat st;

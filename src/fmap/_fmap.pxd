@@ -20,6 +20,7 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_ENOTOWNER
         FMAP_ELIMIT
         FMAP_EBADADDR
+        FMAP_ECOMMIT
         FMAP_T_MAPPING
         FMAP_T_MUTEX
         FMAP_T_SEMAPHORE
@@ -29,6 +30,7 @@ cdef extern from "c/fmap.h" nogil:
         FMAP_A_WRITE
         FMAP_A_COPY
         FMAP_F_FILE
+        FMAP_F_COMMITTED
         FMAP_KEY_MAX
 
     ctypedef struct fmap_err:
@@ -49,7 +51,6 @@ cdef extern from "c/fmap.h" nogil:
         uint32_t flags
         uint64_t size
         uint32_t protect
-        int populate
         const char *label
         int (*init)(void *ctx, int fd, fmap_err *e) noexcept nogil
         void *init_ctx
@@ -65,9 +66,15 @@ cdef extern from "c/fmap.h" nogil:
         uint64_t gen
         int fd
 
+    ctypedef struct fmap_commit:
+        uint64_t done
+        uint64_t chunk
+        uint64_t avail
+
     size_t fmap_page_size()
     int fmap_getpid()
     int fmap_memfd_new(const fmap_newobj *spec, int *fd, fmap_err *e)
+    int fmap_memfd_commit(int fd, uint64_t size, fmap_commit *c, fmap_err *e)
     int fmap_file_prepare(int fd, uint32_t protect, uint64_t *size, fmap_err *e)
     int fmap_file_open(const char *path, uint32_t protect, int create, int *fd, int *created, fmap_err *e)
     int fmap_fd_info(int fd, fmap_objinfo *info, fmap_err *e)
@@ -226,14 +233,17 @@ cdef class View:
     cdef readonly object offset
     cdef uint32_t access_
     cdef bint is_file              # flush has work to do only for file-backed views
-    cdef bint exposed              # the address left our hands (buffer, address, array)
+    cdef bint exposed              # the address left our hands (buffer, address): close leaves a placeholder
+    cdef bint lending              # asarray() is taking an export: tracked in arrays, not exposed
     cdef Py_ssize_t exports        # buffers handed out and not yet released
     cdef object name               # the mapping's name, for repr and messages
-    cdef list arrays               # (weakref, description) of asarray() arrays, for BufferError
+    cdef list arrays               # (weakref to the memoryview, dtype, shape) of asarray() arrays
+    cdef Py_ssize_t arrays_prune_at  # len(arrays) at which dead entries are dropped
     cdef object __weakref__
 
     cdef int _check(self) except -1
     cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1
+    cdef bint _lent(self)
 
 
 cdef class SyncHandle(Handle):

@@ -88,10 +88,22 @@ def create(name: str | None = None, size: int | None = None, *, file: Any = None
     file: a path (created if missing, for "rw"), a file object or an fd.
     protect: "r", "rw" or "c" (copy-on-write).
     exclusive: raise FileExistsError when the name exists, instead of opening it.
-    populate: allocate and prefault the memory now.
+    populate: commit the memory now, as Windows commits a paging-file section
+      at creation, and prefault the views.  When the machine (counting swap
+      and the memory cgroup) cannot give it all, MemoryError with winerror
+      1455 (ERROR_COMMITMENT_LIMIT), and nothing is left allocated or named.
+      For a file, only the views are prefaulted.
 
     When the name exists, the existing object's size and protection win and
-    `created` is False (ERROR_ALREADY_EXISTS).
+    `created` is False (ERROR_ALREADY_EXISTS); so does its populate: memory
+    another process created without it is not committed here.
+
+    Without populate, paging-file memory is allocated a page at a time on
+    first touch, as Linux does for all shared memory.  If the machine runs out
+    of memory then, the kernel's OOM killer ends some process (the one
+    touching is a likely choice); with vm.overcommit_memory=2 the touching
+    process gets SIGBUS.  fmap cannot turn that into an exception.  The size
+    of /dev/shm is no limit here: the memory is a memfd, not a file there.
     """
     prot = _access(protect, "protect")
     size = _size(size, required=file is None)
