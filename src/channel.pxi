@@ -50,14 +50,17 @@ cdef inline size_t array_meta_size(int ndim) noexcept:
     return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
 
 
-cdef dict _dtypes = {}
+# np.dtype of the codes received arrays carried; bounded, since the codes
+# come from other processes.
+cdef dict _array_dtypes = {}
 
 
 cdef object dtype_of(bytes code):
-    dt = _dtypes.get(code)
+    dt = _array_dtypes.get(code)
     if dt is None:
         dt = numpy().dtype(code.decode("ascii"))
-        _dtypes[code] = dt
+        if len(_array_dtypes) < 256:
+            _array_dtypes[code] = dt
     return dt
 
 
@@ -795,7 +798,6 @@ def _channel_create(name, bytes key, uint64_t capacity, uint64_t message_size, b
     spec.flags = 0
     spec.size = fmap_chan_size(capacity, message_size)
     spec.protect = FMAP_A_WRITE
-    spec.populate = 0
     spec.label = label
     spec.init = fmap_chan_init
     spec.init_ctx = &cs
