@@ -41,6 +41,7 @@ def test_demo_runs_and_keeps_its_promises():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "All steps behaved as promised" in r.stdout
     assert "FAIL" not in r.stdout
+    assert "ok  fmap.Channel:" in r.stdout and "ok  multiprocessing.Queue:" in r.stdout
 
 
 def test_cli_list_shows_live_names(name):

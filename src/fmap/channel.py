@@ -54,10 +54,11 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
 
     capacity: messages in flight at most (sent and not yet received or still
       in hand), rounded up to a power of two, up to 2**24.
-    message_size: the largest message in bytes (an array message also carries
-      its dtype and shape: 64 bytes, more past 4 dimensions).  The channel
-      takes about capacity x (message_size + 64) bytes of shared memory;
-      only the parts that messages touch are ever allocated.
+    message_size: the largest message in bytes; for send_array, the largest
+      array's data (its dtype and shape, up to 32 dimensions, have room of
+      their own).  The channel takes about capacity x (message_size + 384)
+      bytes of shared memory; only the parts that messages touch are ever
+      allocated.
     When the name exists, its sizes win and `created` is False; exclusive=True
     makes that FileExistsError.
     """
