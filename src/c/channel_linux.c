@@ -426,6 +426,10 @@ void fmap_chan_unmap(fmap_chanmap *m)
 void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st)
 {
     struct fmap_chan *h = m->h;
+    /* A sleeper killed while counted stays in the counts until wakes miss
+       WAKE_MISSES times, which never happens while a live sleeper takes
+       every wake: take the dead out before reporting. */
+    reap_sleepers(m);
     st->head = load64(&h->head);
     st->tail = load64(&h->tail);
     st->closed = __atomic_load_n(&h->closed, __ATOMIC_SEQ_CST);
