@@ -8,6 +8,9 @@ from cpython.mem cimport PyMem_Realloc
 from cpython.ref cimport PyObject
 
 _environ = _os.environ
+# C globals, not the module's dict: finalizers find them even when they run
+# after the interpreter has cleared the module at exit.
+cdef object _warn = _warnings.warn
 
 # The registry most recently attached, by directory.  fmap_reg_attach keeps
 # every registry mapped for the life of the process, so the pointer stays valid.
@@ -161,7 +164,7 @@ cdef class Handle:
 
     def __del__(self):
         if self.fd >= 0:
-            _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            _warn(f"unclosed {unclosed_repr(self)}", ResourceWarning, source=self)
             self._close_handle()
 
     def __dealloc__(self):
@@ -172,6 +175,16 @@ cdef class Handle:
                 fmap_reg_release(&self.hold, &e)
             fmap_close_fd(self.fd)
             self.fd = -1
+
+
+cdef str unclosed_repr(obj):
+    """repr(obj) for a finalizer's warning.  A handle still held at exit (by a
+    multiprocessing child's Process object, say) may be finalized after the
+    module's dict was cleared, and repr() then finds the names it uses gone."""
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<fmap.{type(obj).__name__}>"
 
 
 cdef int check_open(Handle h) except -1:

@@ -172,7 +172,7 @@ cdef class View:
 
     def __del__(self):
         if self.addr != NULL:
-            _warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            _warn(f"unclosed {unclosed_repr(self)}", ResourceWarning, source=self)
             if self.exports == 0:
                 self.close()
 
