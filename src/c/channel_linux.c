@@ -18,7 +18,7 @@
  * follow (any thread that finds the slot at a cursor claimed moves the cursor
  * on).  So every slot in use names the process using it:
  *
- *   FREE(p)          position p may be claimed by a producer
+ *   FREE(p)          position p may be claimed by a producer (slot k starts FREE(k))
  *   WRITING(p, who)  a producer is writing position p's message
  *   FULL(p)          position p's message is published
  *   READING(p, who)  a consumer is reading it; done, the slot is FREE(p + capacity)
@@ -60,7 +60,7 @@
 #endif
 
 #define CHAN_MAGIC "FMAPCHN\x01"
-#define CHAN_VERSION 1u
+#define CHAN_VERSION 2u            /* 2: state words stored relative to their slot */
 #define SLOT_HEADER 64u             /* a message starts 64-byte aligned */
 #define LINE 128                    /* two cache lines: the adjacent-line prefetcher pairs them */
 #define DEAD_CHECK_NS 10000000u     /* a blocked waiter looks for a dead claimer this often */
@@ -140,6 +140,28 @@ static int cas64(uint64_t *w, uint64_t *expected, uint64_t desired)
 {
     return __atomic_compare_exchange_n(w, expected, desired, 0, __ATOMIC_SEQ_CST,
                                        __ATOMIC_SEQ_CST);
+}
+
+/* Slot k's state word is kept XORed with WORD(k, 0, S_FREE), so that the
+   zeros of a slot never touched read as FREE(k): creating a channel writes
+   (and so allocates) its header only, not a page per slot.  Every access to
+   a word goes through these three; pos is any position of the slot. */
+static uint64_t word_key(const fmap_chanmap *m, uint64_t pos)
+{
+    return (pos & m->mask) << 12;
+}
+
+static uint64_t load_word(fmap_chanmap *m, uint64_t pos)
+{
+    return load64(&slot_at(m, pos)->word) ^ word_key(m, pos);
+}
+
+static int cas_word(fmap_chanmap *m, uint64_t pos, uint64_t *expected, uint64_t desired)
+{
+    uint64_t key = word_key(m, pos), raw = *expected ^ key;
+    int ok = cas64(&slot_at(m, pos)->word, &raw, desired ^ key);
+    *expected = raw ^ key;
+    return ok;
 }
 
 /* Signed distance between a slot's position and a cursor, modulo 2^52. */
@@ -224,6 +246,8 @@ static int part_dead(struct fmap_chan *h, uint32_t i)
     return start && now && now != start;
 }
 
+#define REAP_AHEAD 65536u           /* more than any claim takes at once */
+
 /* Record i's process is dead: give back every slot it claims and take its
    sleepers out of the counts (a sleeper killed while counted would otherwise
    make every later publish pay for a futex_wake).  The caller has moved the
@@ -231,12 +255,17 @@ static int part_dead(struct fmap_chan *h, uint32_t i)
 static void reap(fmap_chanmap *m, uint32_t i)
 {
     struct fmap_chan *h = m->h;
-    for (uint64_t k = 0; k < m->capacity; k++) {
-        struct slot *s = (struct slot *)(m->slots + k * m->stride);
-        uint64_t w = load64(&s->word);
+    /* Only slots some claim has reached: one at position p is claimed by a
+       producer that read the head at most REAP_AHEAD before p (consumers
+       claim behind the head).  Reading the others would allocate them. */
+    uint64_t end = load64(&h->head) + REAP_AHEAD;
+    if (end > m->capacity || end < REAP_AHEAD)
+        end = m->capacity;
+    for (uint64_t k = 0; k < end; k++) {
+        uint64_t w = load_word(m, k);
         uint32_t st = W_STATE(w);
         if ((st == S_WRITING || st == S_READING) && W_OWNER(w) == i)
-            cas64(&s->word, &w, WORD(W_POS(w) + m->capacity, 0, S_FREE));
+            cas_word(m, k, &w, WORD(W_POS(w) + m->capacity, 0, S_FREE));
     }
     uint32_t d = __atomic_exchange_n(&h->parts[i].sleeping[0], 0, __ATOMIC_SEQ_CST);
     uint32_t p = __atomic_exchange_n(&h->parts[i].sleeping[1], 0, __ATOMIC_SEQ_CST);
@@ -371,16 +400,10 @@ int fmap_chan_init(void *ctx, int fd, fmap_err *e)
     h->slots_offset = header_size();
     h->total_size = size;
     h->nparts = FMAP_CHAN_PARTS;
-    munmap(h, header_size());
-    /* Slot k starts FREE(k): write the words (one cache line per slot). */
-    fmap_chanmap m;
-    if (map_all(fd, size, &m, e) != FMAP_OK)
-        return e->status;
-    for (uint64_t k = 1; k < m.capacity; k++)
-        slot_at(&m, k)->word = WORD(k, 0, S_FREE);
+    /* The slots need nothing written: their zeros are FREE (load_word). */
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    memcpy(m.h->magic, CHAN_MAGIC, 8);
-    munmap(m.h, m.maplen);
+    memcpy(h->magic, CHAN_MAGIC, 8);
+    munmap(h, header_size());
     return FMAP_OK;
 }
 
@@ -476,10 +499,9 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
         uint64_t hd = load64(&h->head), w = 0;
         uint32_t i = 0;
         while (i < n) {
-            struct slot *s = slot_at(m, hd + i);
-            w = load64(&s->word);
+            w = load_word(m, hd + i);
             if (w != WORD(hd + i, 0, S_FREE) ||
-                !cas64(&s->word, &w, WORD(hd + i, m->part, S_WRITING)))
+                !cas_word(m, hd + i, &w, WORD(hd + i, m->part, S_WRITING)))
                 break;
             i++;
         }
@@ -506,7 +528,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
         if (d == -(int64_t)m->capacity) {     /* the previous lap still uses it: full */
             uint32_t st = W_STATE(w);
             if (check_dead && (st == S_READING || st == S_WRITING) && part_dead(h, W_OWNER(w))) {
-                if (cas64(&slot_at(m, hd)->word, &w, WORD(hd, 0, S_FREE)))
+                if (cas_word(m, hd, &w, WORD(hd, 0, S_FREE)))
                     fmap_chan_wake_consumers(m, INT_MAX);
                 continue;
             }
@@ -516,6 +538,8 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
     }
 }
 
+static void skip_holes(fmap_chanmap *m);
+
 /* Consumer: claim up to n consecutive published messages at the tail. */
 static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, uint32_t *got)
 {
@@ -524,15 +548,17 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
         uint64_t tl = load64(&h->tail), w = 0;
         uint32_t i = 0;
         while (i < n) {
-            struct slot *s = slot_at(m, tl + i);
-            w = load64(&s->word);
+            w = load_word(m, tl + i);
             if (w != WORD(tl + i, 0, S_FULL) ||
-                !cas64(&s->word, &w, WORD(tl + i, m->part, S_READING)))
+                !cas_word(m, tl + i, &w, WORD(tl + i, m->part, S_READING)))
                 break;
             i++;
         }
         if (i > 0) {
             advance(&h->tail, tl, tl + i);
+            /* Slots given back unsent behind these are passed now: len()
+               counts messages, and the next one may be one of them. */
+            skip_holes(m);
             *pos = tl;
             *got = i;
             return FMAP_OK;
@@ -542,14 +568,19 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
             advance(&h->tail, tl, tl + 1);    /* taken or skipped: help the cursor on */
             continue;
         }
-        if (d < 0)
-            return EMPTY;                     /* a consumer of the last lap still reads it */
+        if (d < 0) {
+            /* A consumer of the last lap still reads it: no producer has
+               claimed position tl, and once closed none ever will. */
+            if (__atomic_load_n(&h->closed, __ATOMIC_SEQ_CST))
+                return FMAP_CHAN_CLOSED;
+            return EMPTY;
+        }
         if (W_STATE(w) == S_FULL)
             continue;                         /* lost a race for it */
         if (W_STATE(w) == S_WRITING) {
             if (check_dead && part_dead(h, W_OWNER(w))) {
                 /* The producer died writing: its message is dropped. */
-                if (cas64(&slot_at(m, tl)->word, &w, WORD(tl + m->capacity, 0, S_FREE)))
+                if (cas_word(m, tl, &w, WORD(tl + m->capacity, 0, S_FREE)))
                     fmap_chan_wake_producers(m, 1);
                 continue;
             }
@@ -697,7 +728,7 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
     struct slot *s = slot_at(m, pos);
     s->len = len;
     s->kind = kind;
-    __atomic_store_n(&s->word, WORD(pos, 0, S_FULL), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&s->word, WORD(pos, 0, S_FULL) ^ word_key(m, pos), __ATOMIC_SEQ_CST);
 }
 
 /* Move the consumers' cursor past slots that need no consumer (given back
@@ -707,7 +738,7 @@ static void skip_holes(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
     for (;;) {
-        uint64_t tl = load64(&h->tail), w = load64(&slot_at(m, tl)->word);
+        uint64_t tl = load64(&h->tail), w = load_word(m, tl);
         int64_t d = pos_diff(w, tl);
         if (!(d > 0 || (d == 0 && W_STATE(w) == S_READING)))
             return;
@@ -717,9 +748,8 @@ static void skip_holes(fmap_chanmap *m)
 
 void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
 {
-    struct slot *s = slot_at(m, pos);
     uint64_t w = WORD(pos, m->part, S_WRITING);
-    if (cas64(&s->word, &w, WORD(pos + m->capacity, 0, S_FREE))) {
+    if (cas_word(m, pos, &w, WORD(pos + m->capacity, 0, S_FREE))) {
         skip_holes(m);
         fmap_chan_wake_consumers(m, INT_MAX);   /* the end of the stream may be here */
         fmap_chan_wake_producers(m, 1);
@@ -728,9 +758,8 @@ void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
 
 void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
 {
-    struct slot *s = slot_at(m, pos);
     uint64_t w = WORD(pos, m->part, S_WRITING);
-    if (cas64(&s->word, &w, WORD(pos, m->part, S_READING))) {
+    if (cas_word(m, pos, &w, WORD(pos, m->part, S_READING))) {
         skip_holes(m);
         fmap_chan_wake_consumers(m, INT_MAX);
     }
@@ -738,9 +767,8 @@ void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
 
 int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
 {
-    struct slot *s = slot_at(m, pos);
     uint64_t w = WORD(pos, m->part, S_READING);
-    if (!cas64(&s->word, &w, WORD(pos + m->capacity, 0, S_FREE)))
+    if (!cas_word(m, pos, &w, WORD(pos + m->capacity, 0, S_FREE)))
         return -1;
     return 0;
 }
