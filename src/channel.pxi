@@ -340,8 +340,9 @@ cdef class Channel(Handle):
     # ---- bytes ------------------------------------------------------------
 
     def send(self, data, timeout=None):
-        """Send a copy of data (any bytes-like object) as one message; waits
-        while the channel is full."""
+        """Send a copy of data (any bytes-like object: its bytes in C order,
+        as bytes(data) gives them) as one message; waits while the channel
+        is full."""
         cdef Py_buffer view
         cdef uint64_t pos
         cdef char *dst
@@ -362,7 +363,7 @@ cdef class Channel(Handle):
                 self._too_big(n, "a message")
             self._claim(cm, True, 1, timeout, &pos)
             dst = fmap_chan_payload(&cm.m, pos)
-            if have_view and not PyBuffer_IsContiguous(&view, b'A'):
+            if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                 gather(&cm.m, pos, dst, &view)
             elif <size_t>n >= NOGIL_COPY:
                 with nogil:
@@ -432,7 +433,7 @@ cdef class Channel(Handle):
                     try:
                         if <uint64_t>n > self.message_size:
                             self._too_big(n, f"message {sent}")
-                        if have_view and not PyBuffer_IsContiguous(&view, b'A'):
+                        if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                             gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
                         else:
                             memcpy(fmap_chan_payload(&cm.m, pos + i), src, n)
@@ -550,10 +551,10 @@ cdef class Channel(Handle):
         if type(arr) is not np.ndarray:
             arr = np.asarray(arr)
         dt = arr.dtype
-        if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        if not sendable_dtype(dt):
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot send an array of dtype {dt}: send_array takes plain "
-                             "numeric, bool, bytes, str and datetime dtypes")
+                             "numeric, bool, bytes, str and datetime dtypes of non-empty items")
         code = dt.str.encode("ascii")
         ndim = arr.ndim
         if ndim > ARRAY_MAX_DIMS or len(code) > 24:
@@ -614,15 +615,31 @@ cdef class Channel(Handle):
                 a = np.frombuffer(msg, dtype=np.uint8)
                 msg.finishing = True    # given back when the last buffer goes
                 return a
+            # The description comes from another process: anything
+            # send_array would not have written is refused, before NumPy
+            # sees it (an empty item type would divide by zero, an object
+            # one is refused by NumPy with an error of its own).
+            dt = None
             meta = array_data_offset(src, n)
-            if meta == 0:
+            if meta:
+                ndim = (<uint32_t *>src)[0]
+                codelen = (<uint32_t *>src)[1]
+                shape = tuple([(<uint64_t *>(src + ARRAY_META))[i] for i in range(ndim)])
+                try:
+                    dt = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
+                except Exception:
+                    dt = None
+                if dt is not None and not sendable_dtype(dt):
+                    dt = None
+                if dt is not None:
+                    count = 1
+                    for s in shape:
+                        count *= s
+                    if count * dt.itemsize != n - meta:
+                        dt = None
+            if dt is None:
                 raise make_error(ValueError, ERROR_FILE_CORRUPT,
                                  f"channel {describe(self.name)}: a malformed array message")
-            ndim = (<uint32_t *>src)[0]
-            codelen = (<uint32_t *>src)[1]
-            dt = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
-            shape = tuple([(<uint64_t *>(src + ARRAY_META))[i] for i in range(ndim)])
-            count = (n - meta) // dt.itemsize
             a = np.frombuffer(msg, dtype=dt, count=count, offset=meta)
             msg.finishing = True        # given back when the last buffer goes
             return a.reshape(shape) if ndim != 1 else a
@@ -711,6 +728,11 @@ cdef int gather(fmap_chanmap *m, uint64_t pos, char *dst, Py_buffer *view) excep
         fmap_chan_discard(m, pos)
         raise MemoryError("cannot copy a non-contiguous buffer into the channel")
     return 0
+
+
+cdef bint sendable_dtype(dt) except -1:
+    return not (dt.hasobject or dt.fields is not None or dt.subdtype is not None
+                or dt.itemsize == 0)
 
 
 cdef size_t array_data_offset(const char *src, size_t n) noexcept:
