@@ -1077,6 +1077,38 @@ def test_hostile_message(name, sent, op, writes):
         ch.close()
 
 
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=4),
+       sent=st.integers(0, 3))
+def test_hostile_state_words_never_hang(name, words, sent):
+    # State words no ring writes (a FREE word naming an owner, positions far
+    # ahead or behind) must not keep a claim looping with the GIL held: every
+    # call still answers within its timeout.
+    ch = fmap.Channel.create(name, 4, message_size=64)
+    mem = scribbler(ch)
+    try:
+        base = header_field(mem, "slots_offset")
+        stride = header_field(mem, "stride")
+        for _ in range(sent):
+            ch.send(b"m", timeout=0)
+        for k, w in enumerate(words):
+            struct.pack_into("=Q", mem, base + k * stride, w)
+        for call in (lambda: ch.send(b"x", timeout=0), lambda: ch.recv(timeout=0),
+                     lambda: ch.send_many([b"y"] * 3, timeout=0),
+                     lambda: ch.recv_many(3, timeout=0.01)):
+            t0 = time.monotonic()
+            try:
+                call()
+            except (TimeoutError, ValueError, BufferError):
+                pass
+            assert time.monotonic() - t0 < 5, "a claim looped past its timeout"
+        len(ch), ch.stats()
+    finally:
+        mem.close()
+        ch.close()
+
+
 # ---- leaks ------------------------------------------------------------------------
 
 LEAK_CYCLES = 20_000

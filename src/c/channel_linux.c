@@ -487,6 +487,13 @@ uint64_t fmap_chan_pending(fmap_chanmap *m)
 
 enum { EMPTY = -1 };   /* try_*: nothing to claim now */
 
+/* Each retry of a try_* loop follows another party's progress (a cursor
+   moved, a race lost), so a real ring needs few.  State words no ring
+   writes (memory scribbled on by a process of the same user) could keep
+   one looping for ever, holding the GIL: past this many retries the try
+   reports "nothing now", and the caller's wait, with its timeout, goes on. */
+#define RETRIES 4096u
+
 /* Producer: claim up to n consecutive FREE slots at the head.  check_dead:
    a full ring whose oldest slot is claimed by a dead process is freed. */
 static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos,
@@ -495,7 +502,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
     struct fmap_chan *h = m->h;
     if (__atomic_load_n(&h->closed, __ATOMIC_SEQ_CST))
         return FMAP_CHAN_CLOSED;
-    for (;;) {
+    for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t hd = load64(&h->head), w = 0;
         uint32_t i = 0;
         while (i < n) {
@@ -536,6 +543,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
         }
         /* d < 0 otherwise: our head was stale; read it again */
     }
+    return EMPTY;
 }
 
 static void skip_holes(fmap_chanmap *m);
@@ -544,7 +552,7 @@ static void skip_holes(fmap_chanmap *m);
 static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, uint32_t *got)
 {
     struct fmap_chan *h = m->h;
-    for (;;) {
+    for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t tl = load64(&h->tail), w = 0;
         uint32_t i = 0;
         while (i < n) {
@@ -593,6 +601,7 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
             return FMAP_CHAN_CLOSED;
         return EMPTY;
     }
+    return EMPTY;
 }
 
 typedef int (*try_fn)(fmap_chanmap *, uint32_t, int, uint64_t *, uint32_t *);
@@ -737,7 +746,7 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
 static void skip_holes(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
-    for (;;) {
+    for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t tl = load64(&h->tail), w = load_word(m, tl);
         int64_t d = pos_diff(w, tl);
         if (!(d > 0 || (d == 0 && W_STATE(w) == S_READING)))
