@@ -38,6 +38,7 @@
  */
 #define _GNU_SOURCE
 #include "fmap.h"
+#include "futex_linux.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -50,14 +51,6 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__) || defined(__arm__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() __asm__ __volatile__("" ::: "memory")
-#endif
 
 #define CHAN_MAGIC "FMAPCHN\x01"
 #define CHAN_VERSION 2u            /* 2: state words stored relative to their slot */
@@ -179,22 +172,6 @@ static void advance(uint64_t *cursor, uint64_t from, uint64_t to)
 
 /* ---- futexes ------------------------------------------------------------ */
 
-static struct timespec ns_ts(uint64_t ns)
-{
-    struct timespec ts;
-    ts.tv_sec = (time_t)(ns / 1000000000u);
-    ts.tv_nsec = (long)(ns % 1000000000u);
-    return ts;
-}
-
-static int futex_wait_until(uint32_t *w, uint32_t val, uint64_t deadline)
-{
-    struct timespec ts = ns_ts(deadline);
-    if (syscall(SYS_futex, w, FUTEX_WAIT_BITSET, val, &ts, NULL, FUTEX_BITSET_MATCH_ANY) == 0)
-        return 0;
-    return errno == EAGAIN ? 0 : errno;
-}
-
 static void reap_sleepers(fmap_chanmap *m);
 #define WAKE_MISSES 1024            /* wakes that found nobody before reap_sleepers */
 
@@ -202,8 +179,7 @@ static void wake(fmap_chanmap *m, uint32_t *seq, uint32_t *sleepers, uint32_t n)
 {
     if (__atomic_load_n(sleepers, __ATOMIC_SEQ_CST)) {
         __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
-        long woken = syscall(SYS_futex, seq, FUTEX_WAKE, n > INT_MAX ? INT_MAX : (int)n,
-                             NULL, NULL, 0);
+        long woken = futex_wake(seq, n > INT_MAX ? INT_MAX : (int)n);
         /* Nobody asleep though counted: a sleeper is on its way in or out,
            or died counted.  Many times running, look for the dead. */
         if (woken == 0 && ++m->wake_misses >= WAKE_MISSES) {
@@ -787,6 +763,6 @@ void fmap_chan_close(fmap_chanmap *m)
     __atomic_store_n(&m->h->closed, 1, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&m->h->data.seq, 1, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&m->h->space.seq, 1, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, &m->h->data.seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-    syscall(SYS_futex, &m->h->space.seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    futex_wake(&m->h->data.seq, INT_MAX);
+    futex_wake(&m->h->space.seq, INT_MAX);
 }

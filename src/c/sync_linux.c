@@ -25,6 +25,7 @@
  */
 #define _GNU_SOURCE
 #include "fmap.h"
+#include "futex_linux.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -40,13 +41,6 @@
 #include <unistd.h>
 
 /* ---- the one macro table ------------------------------------------------ */
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__) || defined(__arm__)
-#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
-#else
-#define cpu_relax() __asm__ __volatile__("" ::: "memory")
-#endif
 #ifndef SYS_futex_waitv
 #define SYS_futex_waitv 449         /* Linux 5.16, the same number on every arch */
 #endif
@@ -101,15 +95,6 @@ uint64_t fmap_clock_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static struct timespec ns_ts(uint64_t ns)
-{
-    struct timespec ts;
-    if (ns > (uint64_t)INT32_MAX * 1000000000u)   /* far enough: a year 2038 bound */
-        ns = (uint64_t)INT32_MAX * 1000000000u;
-    ts.tv_sec = (time_t)(ns / 1000000000u);
-    ts.tv_nsec = (long)(ns % 1000000000u);
-    return ts;
-}
 
 static __thread int t_tid;          /* gettid(), cached per thread */
 static pthread_once_t tid_once = PTHREAD_ONCE_INIT;
@@ -139,21 +124,6 @@ static uint32_t load(const uint32_t *w)
     return __atomic_load_n(w, __ATOMIC_SEQ_CST);
 }
 
-/* Sleep while *w == val, until the absolute CLOCK_MONOTONIC deadline.
-   Returns 0 (woken, or the value changed: EAGAIN), ETIMEDOUT, EINTR or errno. */
-static int futex_wait_until(uint32_t *w, uint32_t val, uint64_t deadline)
-{
-    struct timespec ts = ns_ts(deadline);
-    /* FUTEX_WAIT_BITSET takes an absolute time on CLOCK_MONOTONIC. */
-    if (syscall(SYS_futex, w, FUTEX_WAIT_BITSET, val, &ts, NULL, FUTEX_BITSET_MATCH_ANY) == 0)
-        return 0;
-    return errno == EAGAIN ? 0 : errno;
-}
-
-static void futex_wake(uint32_t *w, int n)
-{
-    syscall(SYS_futex, w, FUTEX_WAKE, n, NULL, NULL, 0);
-}
 
 static uint32_t mutex_word(struct fmap_sync *s)
 {
