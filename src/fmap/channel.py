@@ -21,31 +21,13 @@ ProcessPoolExecutor workers can take one as an argument.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any
-
 from . import _fmap
 from .names import key_for
+from .sync import _bad, _count
 
-ERROR_INVALID_PARAMETER = 87
 MAX_CAPACITY = _fmap.CHANNEL_MAX_CAPACITY
 MAX_MESSAGE_SIZE = 1 << 40
 EndOfStream = _fmap.EndOfStream
-
-
-def _bad(message: str) -> ValueError:
-    exc = ValueError(message)
-    exc.winerror = ERROR_INVALID_PARAMETER  # type: ignore[attr-defined]
-    return exc
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
 
 
 def create(name: str | None = None, capacity: int = 64, *, message_size: int = 65536,
@@ -63,8 +45,8 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
     makes that FileExistsError.
     """
     key = key_for(name)
-    cap = _int(capacity, "capacity")
-    size = _int(message_size, "message_size")
+    cap = _count(capacity, "capacity")
+    size = _count(message_size, "message_size")
     if not 1 <= cap <= MAX_CAPACITY:
         raise _bad(f"capacity must be between 1 and {MAX_CAPACITY}, not {cap}")
     if not 0 <= size <= MAX_MESSAGE_SIZE:
