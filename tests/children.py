@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -189,3 +190,28 @@ def poll(predicate, timeout=5.0, interval=0.02):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+class Background:
+    """fn() in a thread; result() joins it (bounded) and returns or re-raises."""
+
+    def __init__(self, fn):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def done(self):
+        return not self.thread.is_alive()
+
+    def result(self, timeout=10.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"thread still blocked after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.value

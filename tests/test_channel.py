@@ -10,7 +10,6 @@ import array
 import gc
 import os
 import pickle
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 import fmap
 from conftest import raises
-from children import poll, wait_pid
+from children import Background, poll, wait_pid
 
 ERROR_FILE_NOT_FOUND = 2
 ERROR_INVALID_HANDLE = 6
@@ -34,28 +33,6 @@ WAIT = 10.0      # the bound on any wait that should end at once
 def make(closer, name=None, capacity=8, **kw):
     kw.setdefault("message_size", 256)
     return closer(fmap.Channel.create(name, capacity, **kw))
-
-
-class Background:
-    """fn() in a thread; result() joins it (bounded) and returns or re-raises."""
-
-    def __init__(self, fn):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn):
-        try:
-            self.value = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            self.error = exc
-
-    def result(self, timeout=WAIT):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"thread still blocked after {timeout} s"
-        if self.error is not None:
-            raise self.error
-        return self.value
 
 
 def channel_maps(label):

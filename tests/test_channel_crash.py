@@ -19,7 +19,6 @@ import random
 import select
 import signal
 import struct
-import threading
 import time
 import traceback
 import zlib
@@ -29,7 +28,7 @@ import pytest
 
 import fmap
 from conftest import raises
-from children import poll
+from children import Background, poll
 
 WAIT = 10.0      # the bound on any wait that should end at once
 HOLD = 30.0      # how long a child that waits to be killed waits at most
@@ -154,31 +153,6 @@ def say(out, text):
     os.write(out, text.encode() + b"\n")
 
 
-class Bg:
-    """fn() in a thread; result() joins it (bounded) and returns or re-raises."""
-
-    def __init__(self, fn):
-        self.value = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn):
-        try:
-            self.value = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            self.error = exc
-
-    def done(self):
-        return not self.thread.is_alive()
-
-    def result(self, timeout=WAIT):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"thread still blocked after {timeout} s"
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 def asleep(pid):
     """True when process pid sleeps (state S), in a futex wait where wchan says."""
     try:
@@ -255,7 +229,7 @@ def test_producer_killed_inside_reserve(name, forks, consumer_waiting):
         while len(got) < 6:
             got.append((ch.recv(timeout=WAIT), time.monotonic()))
 
-    bg = Bg(consume) if consumer_waiting else None
+    bg = Background(consume) if consumer_waiting else None
     if bg is not None:
         assert poll(lambda: ch.stats()["consumers_sleeping"] == 1, WAIT)
         time.sleep(0.05)                # a few of its 10 ms checks find the writer alive
@@ -263,7 +237,7 @@ def test_producer_killed_inside_reserve(name, forks, consumer_waiting):
     w.kill()                            # a zombie until reaped below: dead all the same
     killed = time.monotonic()
     if bg is None:
-        bg = Bg(consume)
+        bg = Background(consume)
     bg.result()
     for i in range(3, 6):
         p.expect(f"sent {i}")
@@ -306,7 +280,7 @@ def test_consumer_killed_holding_a_message(name, forks, how, capacity):
     assert h.expect("holding") == "holding m0"
     with raises(TimeoutError):
         ch.send(b"no room", timeout=0.2)    # the held slot is still in use
-    sender = Bg(lambda: ch.send(b"new", timeout=WAIT))
+    sender = Background(lambda: ch.send(b"new", timeout=WAIT))
     assert poll(lambda: ch.stats()["producers_sleeping"] == 1, WAIT)
     h.killed()
     killed = time.monotonic()
@@ -406,7 +380,7 @@ def test_producer_killed_asleep_in_send(name, forks):
     # Backpressure still works both ways.
     ch.send(b"c")
     ch.send(b"d")
-    bg = Bg(lambda: ch.send(b"e", timeout=WAIT))
+    bg = Background(lambda: ch.send(b"e", timeout=WAIT))
     assert poll(lambda: ch.stats()["producers_sleeping"] == 1, WAIT)
     assert ch.recv(timeout=WAIT) == b"c"
     bg.result()

@@ -36,7 +36,7 @@ import fmap
 from fmap import _fmap
 from conftest import raises
 from test_fuzz import anything, check_error, huge_ints, names
-from test_leaks import snapshot
+from test_leaks import assert_loop_leaks_nothing
 
 ERROR_INVALID_HANDLE = 6
 ERROR_NOT_ENOUGH_MEMORY = 8
@@ -1144,22 +1144,7 @@ def channel_cycle(i, name):
 
 
 def test_create_use_close_loop_leaks_nothing(name):
-    for i in range(LEAK_WARMUP):
-        channel_cycle(i, name)
-    before = snapshot()
-    t0 = time.monotonic()
-    for i in range(LEAK_CYCLES):
-        channel_cycle(i, name)
-    elapsed = time.monotonic() - t0
-    after = snapshot()
-    assert after["fds"] == before["fds"], (before, after)
-    # the allocator may map an arena or two; a mapping per cycle would be thousands
-    assert abs(after["maps"] - before["maps"]) <= 8, (before, after)
     # 100 bytes a cycle would be 2 MiB
-    assert after["rss"] - before["rss"] < 2048, (before, after)
-    registry_kib = os.path.getsize(os.path.join(fmap.runtime_dir(), "registry.v1")) // 1024
-    assert after["shmem"] - before["shmem"] <= registry_kib, (before, after)
-    assert after["registry"] == before["registry"], (before, after)
-    assert elapsed < 60, f"{LEAK_CYCLES} cycles took {elapsed:.1f} s"
+    assert_loop_leaks_nothing(channel_cycle, name, LEAK_WARMUP, LEAK_CYCLES, rss_kib=2048)
     with raises(FileNotFoundError):
         fmap.Channel.open(name)
