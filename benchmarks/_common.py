@@ -222,6 +222,18 @@ def _fmt_us(v: Optional[float]) -> str:
     return f"{v:.2f}"
 
 
+def status_cell(row: Row, notes: List[str]) -> str:
+    """The table cell of a row that has no figure: its status, cut at the
+    first ": ", with a footnote number for the rest (kept in notes, once)."""
+    short, _, detail = row.status.partition(": ")
+    if detail:
+        note = f"{row.impl}: {row.status}"
+        if note not in notes:
+            notes.append(note)
+        short += f" [{notes.index(note) + 1}]"
+    return short
+
+
 def format_table(rows: Sequence[Row], baseline, *, title: str = "") -> str:
     """A Markdown table ``benchmark | impl | median µs | ratio vs <baseline>``.
 
@@ -241,13 +253,7 @@ def format_table(rows: Sequence[Row], baseline, *, title: str = "") -> str:
     notes: List[str] = []
     for r in rows:
         if r.median_us is None:
-            short, _, detail = r.status.partition(": ")
-            if detail:
-                note = f"{r.impl}: {r.status}"
-                if note not in notes:
-                    notes.append(note)
-                short += f" [{notes.index(note) + 1}]"
-            body.append([r.benchmark, r.impl, short, "-"])
+            body.append([r.benchmark, r.impl, status_cell(r, notes), "-"])
             continue
         b = base.get(r.benchmark)
         ratio = f"{r.median_us / b:.2f}x" if b else "-"

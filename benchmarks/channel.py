@@ -1405,13 +1405,7 @@ def format_section(sec: Section, rows: List[C.Row]) -> str:
     body, notes = [], []
     for r in rows:
         if r.median_us is None:
-            short, _, detail = r.status.partition(": ")
-            if detail:
-                note = f"{r.impl}: {r.status}"
-                if note not in notes:
-                    notes.append(note)
-                short += f" [{notes.index(note) + 1}]"
-            cells = [sec.title, r.impl, short] + ["-"] * (len(head) - 3)
+            cells = [sec.title, r.impl, C.status_cell(r, notes)] + ["-"] * (len(head) - 3)
             body.append(cells)
             continue
         ratio = f"{r.median_us / base:.2f}x" if base else "-"
