@@ -55,6 +55,23 @@ cdef inline size_t array_meta_size(int ndim) noexcept:
 cdef dict _array_dtypes = {}
 
 
+# The code sent for each dtype sent (None: not sendable); bounded likewise.
+# Working it out (dt.str, four attributes) costs more than the rest of a
+# small array's send_array.
+cdef dict _send_codes = {}
+
+
+cdef object code_of(dt):
+    try:
+        return _send_codes[dt]
+    except KeyError:
+        pass
+    code = dt.str.encode("ascii") if sendable_dtype(dt) else None
+    if len(_send_codes) < 256:
+        _send_codes[dt] = code
+    return code
+
+
 cdef object dtype_of(bytes code):
     dt = _array_dtypes.get(code)
     if dt is None:
@@ -551,11 +568,11 @@ cdef class Channel(Handle):
         if type(arr) is not np.ndarray:
             arr = np.asarray(arr)
         dt = arr.dtype
-        if not sendable_dtype(dt):
+        code = code_of(dt)
+        if code is None:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot send an array of dtype {dt}: send_array takes plain "
                              "numeric, bool, bytes, str and datetime dtypes of non-empty items")
-        code = dt.str.encode("ascii")
         ndim = arr.ndim
         if ndim > ARRAY_MAX_DIMS or len(code) > 24:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,

@@ -801,6 +801,25 @@ def test_send_array_refuses(closer, bad):
     assert len(ch) == 0
 
 
+def test_send_array_dtype_codes_past_the_cache_bound(closer):
+    # send_array keeps the code of each dtype it has seen, in a bounded
+    # cache: refusals are refused every time, and dtypes past the bound (and
+    # equal dtypes that are distinct objects) still travel with their own.
+    ch = make(closer, message_size=4096)
+    bad = np.dtype([("a", "i4")])
+    for _ in range(3):
+        with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
+            ch.send_array(np.zeros(2, bad))
+    for n in range(1, 300):
+        for dt in (np.dtype(f"S{n}"), np.dtype(f"<U{n % 40 + 1}")):
+            arr = np.array([b"x" * n if dt.kind == "S" else "y" * (n % 40 + 1)], dt)
+            ch.send_array(arr)
+            got = ch.recv_array(timeout=0)
+            assert got.dtype == dt and got.tobytes() == arr.tobytes()
+            del got
+    assert len(ch) == 0
+
+
 def test_send_array_message_size_is_the_arrays_data(closer):
     # A channel made for N-byte frames carries N-byte arrays: the description
     # (dtype, shape, up to 32 dimensions) has room of its own in each slot.
