@@ -2,7 +2,8 @@
 """Channels: fmap.Channel against its peers, between two processes, one run.
 
     python benchmarks/channel.py [--quick] [--rounds N] [--scale X] [--json PATH]
-                                 [--only abcd] [--capacity N] [--big-capacity N]
+                                         [--only abcd] [--impls WORDS] [--capacity N]
+                                 [--big-capacity N]
 
 a. 64 B, b. 4 KiB and c. 1 MiB messages (1 MiB ones as NumPy float32 arrays of
    262144 items) streamed from a producer process to a consumer process, both
@@ -23,10 +24,11 @@ s ^ 0x9E3779B97F4A7C15 in its last 8; its body, between them, is one of 7 (3
 for 1 MiB) pseudo-random templates picked by s, so a stale or mixed-up body
 differs from the expected one.  The consumer checks the length (and, for
 arrays, the dtype and shape) and the first and last 8 bytes of every message,
-and the CRC-32 of the body of every 64th one (s % 64 == 0) against its
-template's.  64 B copies are checked in blocks of up to 1024 with NumPy (the
-same checks, vectorized); everything else message by message, in place where
-the receive path is in place.  A gap in the sequence counts as lost messages
+and compares the body of every 64th one (s % 64 == 0) with its template, byte
+for byte.  64 B copies are checked in blocks of up to 1024 with NumPy, every
+byte of every message: the block, joined, is compared with the bytes it must
+be; everything else message by message, in place where the receive path is
+in place.  A gap in the sequence counts as lost messages
 (the row then says LOSSY, with the count); a repeated or reordered message,
 a torn one (head and tail disagree) or a wrong body is an error.  In the
 round trip the server checks each request the same way and the client
@@ -48,9 +50,12 @@ benchmarks/_common.py does.  Ratios are time per message against the
 section's first fmap row (lower is faster).  The figures need both processes
 on a CPU at once and move with the machine's load.
 
-Sizes, as earlier measurements advise: fmap capacity 256 for 64 B and 4 KiB,
-8 for 1 MiB (capacity x size within L3; --capacity and --big-capacity change
-them); the peers get the same bound where they have one (Queue maxsize,
+Sizes, as measurements on this machine advise: fmap capacity 256 for 64 B
+and 4 KiB, 4 for 1 MiB (--capacity and --big-capacity change them).  1 MiB
+messages run fastest when the ring and the producer's buffers fit the share
+of L3 a process gets: at capacity 8, fmap's array row measured 36-37 k msg/s
+against 39-40 k at 4, iceoryx2 27 k at both, faster-fifo 9-10 k against
+11-12 k.  The peers get the same bound where they have one (Queue maxsize,
 faster-fifo max_size_bytes, iceoryx2 subscriber buffer), the Pipe has the
 system's pipe buffer.  Batches are 64 messages (4 for 1 MiB).  Targets (issue
 4) are printed beside the figures: 64 B >= 3 M msg/s one at a time and >= 10
@@ -90,7 +95,6 @@ import sys
 import tempfile
 import time
 import traceback
-import zlib
 from dataclasses import dataclass
 from multiprocessing.connection import wait as mp_wait
 from typing import Dict, List, Optional
@@ -99,7 +103,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 MAGIC = 0x9E3779B97F4A7C15
-CRC_EVERY = 64              # every 64th message gets a CRC-32 of its body
+BODY_EVERY = 64             # every 64th message has its body compared with its template
 BLOCK = 1024                # 64 B copies are checked this many at a time
 START_TIMEOUT = 120.0       # a spawned worker must be ready within this
 ROUND_TIMEOUT = 120.0       # a round (warm-up or timed) must end within this
@@ -131,7 +135,7 @@ class Section:
 SECTIONS: Dict[str, Section] = {
     "a": Section("a", "64 B", 64, warm_n=20000),
     "b": Section("b", "4 KiB", 4096, warm_n=10000),
-    "c": Section("c", "1 MiB float32", 1 << 20, array=True, capacity=8, batch=4, warm_n=400),
+    "c": Section("c", "1 MiB float32", 1 << 20, array=True, capacity=4, batch=4, warm_n=400),
     "d": Section("d", "64 B round trip", 64, capacity=2, batch=1, warm_n=3000, pingpong=True),
 }
 ARRAY_SHAPE = ((1 << 20) // 4,)
@@ -153,7 +157,9 @@ class Payload:
         self.P = 3 if sec.array else 7
         rnd = random.Random(0xF3A9 + L)
         self.bodies = [rnd.randbytes(L - 16) for _ in range(self.P)]
-        self.crcs = [zlib.crc32(b) for b in self.bodies]
+        # bytearrays: compared with any buffer by memcmp
+        self.body_refs = [bytearray(b) for b in self.bodies]
+        self.expected_blocks: Dict[int, tuple] = {}
         self.H = struct.Struct("<Q")
         self.HT = struct.Struct(f"<Q{L - 16}xQ")    # first and last 8 bytes
         self.FULL = struct.Struct(f"<Q{L - 16}sQ")  # a whole message, in one pack
@@ -200,9 +206,9 @@ class Payload:
             yield pool[j:j + k]
 
     # ---- consumer side
-    def crc(self, buf, s: int) -> None:
-        if zlib.crc32(memoryview(buf).cast("B")[8:self.L - 8]) != self.crcs[s % self.P]:
-            raise Corrupt(f"message {s}: its body's CRC-32 is not its template's")
+    def body(self, buf, s: int) -> None:
+        if self.body_refs[s % self.P] != memoryview(buf).cast("B")[8:self.L - 8]:
+            raise Corrupt(f"message {s}: its body is not its template")
 
     def one(self, buf, s: int) -> int:
         """The full check of one message when s is expected; the next expected
@@ -219,29 +225,39 @@ class Payload:
         if h - s > 1 << 40:
             raise Corrupt(f"expected message {s}, got garbage ({h})")
         self.lost += h - s
-        if h % CRC_EVERY == 0:
-            self.crc(buf, h)
+        if h % BODY_EVERY == 0:
+            self.body(buf, h)
         return h + 1
 
     def block(self, msgs, s: int) -> int:
-        """Check a list of 64 B copies at once (vectorized), the next expected s."""
-        np, k, L = self.np, len(msgs), self.L
-        joined = b"".join(msgs)
-        if np is not None and len(joined) == k * L:
-            a = np.frombuffer(joined, "<u8").reshape(k, L // 8)
-            exp = np.arange(s, s + k, dtype="<u8")
-            if (np.array_equal(a[:, 0], exp)
-                    and np.array_equal(a[:, -1], exp ^ np.uint64(MAGIC))):
-                mv = memoryview(joined)
-                crcs, P = self.crcs, self.P
-                for i in range((-s) % CRC_EVERY, k, CRC_EVERY):
-                    if zlib.crc32(mv[i * L + 8:(i + 1) * L - 8]) != crcs[(s + i) % P]:
-                        raise Corrupt(f"message {s + i}: its body's CRC-32 is not "
-                                      "its template's")
-                return s + k
-        for m in msgs:              # classify: lost, or wrong
-            s = self.one(m, s)
+        """Check a list of 64 B copies at once, every byte of every message
+        (vectorized); the next expected s."""
+        L = self.L
+        for i in range(0, len(msgs), BLOCK):
+            part = msgs[i:i + BLOCK] if len(msgs) > BLOCK else msgs
+            k = len(part)
+            joined = b"".join(part)
+            if self.np is not None and len(joined) == k * L and self.expected(s, k) == joined:
+                s += k
+                continue
+            for m in part:              # classify: lost, or wrong
+                s = self.one(m, s)
+                self.body(m, s - 1)
         return s
+
+    def expected(self, s: int, k: int) -> bytearray:
+        """The bytes of messages s .. s+k-1 (k <= BLOCK), joined."""
+        np, L = self.np, self.L
+        phase = s % self.P
+        if phase not in self.expected_blocks:
+            raw = bytearray(b"".join(self.build(phase + i) for i in range(BLOCK)))
+            self.expected_blocks[phase] = (raw, np.frombuffer(raw, "<u8").reshape(BLOCK, L // 8),
+                                           np.arange(BLOCK, dtype="<u8"))
+        raw, words, index = self.expected_blocks[phase]
+        seq = index[:k] + np.uint64(s)
+        words[:k, 0] = seq
+        words[:k, -1] = seq ^ np.uint64(MAGIC)
+        return raw if k == BLOCK else raw[:k * L]
 
     def array_ok(self, a) -> bool:
         return a.dtype.char == "f" and a.shape == ARRAY_SHAPE and a.flags.c_contiguous
@@ -251,7 +267,7 @@ def _drain_copies(get, pay: Payload, n: int, conv=None) -> None:
     """Receive and check n messages, one per get() call (copies: bytes, or
     arrays through conv)."""
     L, HT, M = pay.L, pay.HT.unpack_from, MAGIC
-    one, crc = pay.one, pay.crc
+    one, body = pay.one, pay.body
     s = 0
     if pay.array:
         while s < n:
@@ -259,8 +275,8 @@ def _drain_copies(get, pay: Payload, n: int, conv=None) -> None:
             if pay.array_ok(a):
                 h, t = HT(a)
                 if h == s and t == s ^ M:
-                    if not s % CRC_EVERY:
-                        crc(a, s)
+                    if not s % BODY_EVERY:
+                        body(a, s)
                     s += 1
                     continue
                 s = one(a, s)
@@ -280,8 +296,8 @@ def _drain_copies(get, pay: Payload, n: int, conv=None) -> None:
             if len(m) == L:
                 h, t = HT(m)
                 if h == s and t == s ^ M:
-                    if not s % CRC_EVERY:
-                        crc(m, s)
+                    if not s % BODY_EVERY:
+                        body(m, s)
                     s += 1
                     continue
             s = one(m, s)
@@ -290,7 +306,7 @@ def _drain_copies(get, pay: Payload, n: int, conv=None) -> None:
 def _drain_lists(get_many, pay: Payload, n: int, conv=None) -> None:
     """Receive and check n messages that come in lists (recv_many, get_many)."""
     L, HT, M = pay.L, pay.HT.unpack_from, MAGIC
-    one, crc = pay.one, pay.crc
+    one, body = pay.one, pay.body
     s = 0
     if L == 64 and not pay.array:
         buf: list = []
@@ -311,8 +327,8 @@ def _drain_lists(get_many, pay: Payload, n: int, conv=None) -> None:
                 continue
             h, t = HT(m)
             if h == s and t == s ^ M:
-                if not s % CRC_EVERY:
-                    crc(m, s)
+                if not s % BODY_EVERY:
+                    body(m, s)
                 s += 1
             else:
                 s = one(m, s)
@@ -425,7 +441,7 @@ class FmapOne(Impl):
 
 def _drain_recv_array(ch, pay: Payload, n: int) -> None:
     """recv_array: the array views the slot; dropping it gives the slot back."""
-    recv, HT, one, crc, ok = ch.recv_array, pay.HT.unpack_from, pay.one, pay.crc, pay.array_ok
+    recv, HT, one, body, ok = ch.recv_array, pay.HT.unpack_from, pay.one, pay.body, pay.array_ok
     s = 0
     while s < n:
         a = recv()
@@ -433,8 +449,8 @@ def _drain_recv_array(ch, pay: Payload, n: int) -> None:
             raise Corrupt(f"message {s}: not a float32 array of shape {ARRAY_SHAPE}")
         h, t = HT(a)
         if h == s and t == s ^ MAGIC:
-            if not s % CRC_EVERY:
-                crc(a, s)
+            if not s % BODY_EVERY:
+                body(a, s)
             s += 1
         else:
             s = one(a, s)
@@ -490,7 +506,7 @@ class FmapInPlace(Impl):
     class Consumer(FmapOne.Consumer):
         def run(self, n):
             receive, L, HT = self.ch.receive, self.pay.L, self.pay.HT.unpack_from
-            one, crc, ok = self.pay.one, self.pay.crc, self.pay.array_ok
+            one, body, ok = self.pay.one, self.pay.body, self.pay.array_ok
             s = 0
             if self.pay.array:
                 f32 = _mod("numpy").float32
@@ -501,8 +517,8 @@ class FmapInPlace(Impl):
                             raise Corrupt(f"message {s}: bad array view")
                         h, t = HT(a)
                         if h == s and t == s ^ MAGIC:
-                            if not s % CRC_EVERY:
-                                crc(a, s)
+                            if not s % BODY_EVERY:
+                                body(a, s)
                             s += 1
                         else:
                             s = one(a, s)
@@ -513,8 +529,8 @@ class FmapInPlace(Impl):
                     if len(buf) == L:
                         h, t = HT(buf)
                         if h == s and t == s ^ MAGIC:
-                            if not s % CRC_EVERY:
-                                crc(buf, s)
+                            if not s % BODY_EVERY:
+                                body(buf, s)
                             s += 1
                             continue
                     s = one(buf, s)
@@ -912,7 +928,7 @@ class Iceoryx2(Impl):
 
         def run(self, n):
             poll, view, HT = self.poll, self.view, self.pay.HT.unpack_from
-            one, crc = self.pay.one, self.pay.crc
+            one, body = self.pay.one, self.pay.body
             np = _mod("numpy") if self.pay.array else None
             s = 0
             while s < n:
@@ -922,8 +938,8 @@ class Iceoryx2(Impl):
                     v = np.frombuffer(v, np.float32)
                 h, t = HT(v)
                 if h == s and t == s ^ MAGIC:
-                    if not s % CRC_EVERY:
-                        crc(v, s)
+                    if not s % BODY_EVERY:
+                        body(v, s)
                     s += 1
                 else:
                     s = one(v, s)
@@ -1273,6 +1289,9 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
     order = PINGPONG_ORDER if sec.pingpong else STREAM_ORDER
     rows, pairs = [], []
     lost: Dict[int, int] = {}
+    if run.args.impls:
+        words = [w.strip() for w in run.args.impls.split(",") if w.strip()]
+        order = [name for name in order if any(w in name for w in words)]
     for name in order:
         impl = IMPLS[name]
         row = C.Row(bench, _display(name, sec), rounds=run.rounds)
@@ -1449,10 +1468,13 @@ def main(argv=None) -> int:
     p = C.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--only", default="abcd",
                    help="which sections to run, e.g. 'ad' (default: abcd)")
+    p.add_argument("--impls", default=None,
+                   help="run only the rows whose name contains one of these comma-separated "
+                        "words, e.g. 'fmap,iceoryx2' (default: all)")
     p.add_argument("--capacity", type=int, default=None,
                    help="channel capacity (and the peers' bound) for a and b (default 256)")
     p.add_argument("--big-capacity", type=int, default=None,
-                   help="the same for c, the 1 MiB messages (default 8)")
+                   help="the same for c, the 1 MiB messages (default 4)")
     args = p.parse_args(argv)
 
     def on_term(signum, frame):

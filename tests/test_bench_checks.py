@@ -1,0 +1,109 @@
+"""The consumer-side checks of benchmarks/channel.py: its figures are only
+worth something if a wrong message cannot pass them."""
+import importlib.util
+import os
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+np = pytest.importorskip("numpy")
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "channel.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, os.path.dirname(_PATH))     # for its `import _common`
+    try:
+        spec = importlib.util.spec_from_file_location("bench_channel", _PATH)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod               # dataclasses look it up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(_PATH))
+    yield mod
+    sys.modules.pop("bench_channel", None)
+
+
+@pytest.fixture(scope="module")
+def small(bench):
+    pay = bench.Payload(bench.SECTIONS["a"])
+    return pay, pay.prebuilt(3 * bench.BLOCK)
+
+
+def flip(msg: bytes, at: int) -> bytes:
+    b = bytearray(msg)
+    b[at] ^= 0x40
+    return bytes(b)
+
+
+@pytest.mark.parametrize("start, count", [(0, 1), (0, 1024), (5, 1000), (1024, 1087),
+                                          (7, 2048), (3, 3)])
+def test_block_passes_the_right_messages(bench, small, start, count):
+    pay, msgs = small
+    pay.lost = 0
+    assert pay.block(msgs[start:start + count], start) == start + count
+    assert pay.lost == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_block_catches_any_wrong_byte(bench, small, data):
+    # Every byte of every 64 B message is checked, not only every 64th body.
+    pay, msgs = small
+    count = data.draw(st.integers(1, 2 * bench.BLOCK), label="count")
+    start = data.draw(st.integers(0, len(msgs) - count), label="start")
+    i = data.draw(st.integers(0, count - 1), label="which")
+    at = data.draw(st.integers(0, pay.L - 1), label="byte")
+    part = list(msgs[start:start + count])
+    part[i] = flip(part[i], at)
+    with pytest.raises(bench.Corrupt):
+        pay.block(part, start)
+
+
+def test_block_counts_gaps_and_refuses_repeats_and_reordering(bench, small):
+    pay, msgs = small
+    pay.lost = 0
+    gap = msgs[:100] + msgs[103:500]
+    assert pay.block(gap, 0) == 500 and pay.lost == 3
+    with pytest.raises(bench.Corrupt, match="repeated or reordered"):
+        pay.block(msgs[:10] + msgs[9:20], 0)
+    swapped = list(msgs[:20])
+    swapped[4], swapped[5] = swapped[5], swapped[4]
+    with pytest.raises(bench.Corrupt):
+        pay.block(swapped, 0)
+    with pytest.raises(bench.Corrupt):
+        pay.block(msgs[:10] + [msgs[10][:63]], 0)
+
+
+def test_one_checks_head_tail_and_every_64th_body(bench):
+    pay = bench.Payload(bench.SECTIONS["b"])
+    m0, m1, m64 = pay.build(0), pay.build(1), pay.build(64)
+    assert pay.one(m0, 0) == 1 and pay.one(m64, 64) == 65
+    with pytest.raises(bench.Corrupt, match="torn"):
+        pay.one(flip(m1, 3), 1)
+    with pytest.raises(bench.Corrupt, match="torn"):
+        pay.one(flip(m1, pay.L - 2), 1)
+    for at in (8, 2000, pay.L - 9):
+        with pytest.raises(bench.Corrupt, match="body"):
+            pay.one(flip(m64, at), 64)
+        with pytest.raises(bench.Corrupt, match="body"):
+            pay.one(flip(m0, at), 0)
+    with pytest.raises(bench.Corrupt, match="bytes"):
+        pay.one(m1[:-1], 1)
+    # a body one message over (a stale slot) is another template's
+    with pytest.raises(bench.Corrupt, match="body"):
+        pay.body(pay.build(1), 0)
+
+
+def test_array_bodies_are_compared(bench):
+    pay = bench.Payload(bench.SECTIONS["c"])
+    pool = pay.pool(pay.P)
+    arrays = list(pay.stamped(pool, 65))
+    a64 = arrays[64]
+    assert pay.array_ok(a64)
+    pay.body(a64, 64)
+    a64.view(np.uint8)[1 << 19] ^= 1
+    with pytest.raises(bench.Corrupt, match="body"):
+        pay.body(a64, 64)
