@@ -1127,6 +1127,51 @@ def test_spin(closer, name):
         assert bg.result() == b"s"
 
 
+def test_an_idle_wait_burns_no_cpu(closer):
+    # It spins for at most `spin` microseconds, then sleeps on the futex.
+    ch = make(closer)
+    assert ch.spin == 50.0
+    t0 = time.process_time()
+    with raises(TimeoutError, winerror=ERROR_TIMEOUT):
+        ch.recv(timeout=0.5)
+    assert time.process_time() - t0 < 0.1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="a busy pipeline needs its two processes on two CPUs")
+def test_a_busy_pipeline_does_not_sleep(closer):
+    # A consumer that stops for a while every 1024 messages (as one checking
+    # a batch does) and a producer waiting on it: the spin budget covers the
+    # pauses, so neither sleeps (enters the kernel) more than now and then.
+    import resource
+    n = 200_000
+    ch = make(closer, capacity=256, message_size=64)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            msg = bytes(64)
+            for _ in range(n):
+                ch.send(msg)
+            ch.send(int(resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+                        - before).to_bytes(8, "little"))
+        finally:
+            os._exit(0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    for i in range(n):
+        ch.recv(timeout=WAIT)
+        if i % 1024 == 1023:
+            t = time.perf_counter() + 20e-6
+            while time.perf_counter() < t:
+                pass
+    consumer = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before
+    producer = int.from_bytes(ch.recv(timeout=WAIT), "little")
+    wait_pid(pid)
+    # ~195 pauses: a budget that follows only the last (short) wait sleeps
+    # through nearly every one of them
+    assert consumer < 40 and producer < 40, (consumer, producer)
+
+
 def test_repr(closer, name):
     ch = make(closer, name, capacity=5, message_size=100)
     r = repr(ch)

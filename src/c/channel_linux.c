@@ -354,6 +354,7 @@ static int map_all(int fd, uint64_t size, fmap_chanmap *m, fmap_err *e)
     m->stride = h->stride;
     m->pid = 0;
     m->spin_cur = UINT64_MAX;   /* the first wait may spin for all of spin_max */
+    m->spin_since = 0;
     m->wake_misses = 0;
     return FMAP_OK;
 }
@@ -582,18 +583,34 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
 
 typedef int (*try_fn)(fmap_chanmap *, uint32_t, int, uint64_t *, uint32_t *);
 
-/* The spin budget adapts to how long waits turn out to be: after a wait of
-   w ns, the next may spin for 2w (so a busy pipeline, whose waits are short,
-   never sleeps), and a wait that outlasted the whole budget halves it (so an
-   idle one soon spins no more).  Bounded by the handle's spin_max. */
-static void adapt(fmap_chanmap *m, uint64_t waited, uint64_t spin_max)
+/* The spin budget adapts to how long waits turn out to be.  A wait of w ns
+   shorter than spin_max lets later ones spin for 2w (so a busy pipeline,
+   whose waits are short, never sleeps).  The budget decays by half a
+   millisecond at a time, not a wait at a time: a pipeline whose waits are
+   mostly short but now and then longer (a consumer that stops to check a
+   batch every 1024 messages) keeps the budget that covers the long ones,
+   instead of sleeping through each and paying for a wake-up.  A wait that
+   outlasted spin_max halves it (so an idle pipeline soon spins no more).
+   Bounded by the handle's spin_max. */
+#define SPIN_DECAY_NS 1000000u
+
+static void adapt(fmap_chanmap *m, uint64_t waited, uint64_t now, uint64_t spin_max)
 {
-    uint64_t next;
-    if (waited < spin_max)
-        next = 2 * waited + 1000;
-    else
-        next = m->spin_cur / 2;
-    m->spin_cur = next < spin_max ? next : spin_max;
+    uint64_t cur = m->spin_cur < spin_max ? m->spin_cur : spin_max;
+    if (waited >= spin_max) {
+        cur /= 2;
+        m->spin_since = now;
+    } else {
+        uint64_t want = 2 * waited + 1000;
+        if (want >= cur) {
+            cur = want;
+            m->spin_since = now;
+        } else if (now - m->spin_since >= SPIN_DECAY_NS) {
+            cur = cur / 2 > want ? cur / 2 : want;
+            m->spin_since = now;
+        }
+    }
+    m->spin_cur = cur < spin_max ? cur : spin_max;
 }
 
 /* Spin (up to the adaptive budget), then sleep on the futex, until claimed,
@@ -613,7 +630,7 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
             if (rc != EMPTY) {
                 if (k >= 16)
                     now = fmap_clock_ns();
-                adapt(m, now - start, spin_max);
+                adapt(m, now - start, now, spin_max);
                 return rc;
             }
             if (k % 16 == 0) {
@@ -640,7 +657,7 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
             now = fmap_clock_ns();
             if (err == EINTR) {
-                adapt(m, now - start, spin_max);
+                adapt(m, now - start, now, spin_max);
                 return FMAP_WAIT_INTR;
             }
             int dead_check = now >= next_check;
@@ -654,7 +671,7 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
             now = fmap_clock_ns();
         }
-        adapt(m, now - start, spin_max);
+        adapt(m, now - start, now, spin_max);
         return rc == EMPTY ? FMAP_WAIT_TIMEOUT : rc;
     }
 }

@@ -282,6 +282,7 @@ typedef struct {
     uint32_t part;          /* our participant record */
     int pid;                /* the process that holds `part` (a forked child rejoins) */
     uint64_t spin_cur;      /* adaptive spin budget, ns */
+    uint64_t spin_since;    /* when spin_cur was last raised or decayed (fmap_clock_ns) */
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
 } fmap_chanmap;
 
