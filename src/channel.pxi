@@ -649,10 +649,15 @@ cdef class Channel(Handle):
                 if dt is not None and not sendable_dtype(dt):
                     dt = None
                 if dt is not None:
-                    count = 1
+                    # NumPy refuses a shape whose non-zero dimensions'
+                    # product does not fit an intp, even when another
+                    # dimension is 0 and the array holds nothing.
+                    count = extent = 1
                     for s in shape:
                         count *= s
-                    if count * dt.itemsize != n - meta:
+                        extent *= s or 1
+                    if (count * dt.itemsize != n - meta
+                            or extent * dt.itemsize > PY_SSIZE_T_MAX):
                         dt = None
             if dt is None:
                 raise make_error(ValueError, ERROR_FILE_CORRUPT,

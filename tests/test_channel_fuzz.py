@@ -1022,6 +1022,8 @@ message_arrays = st.sampled_from([
          writes=[(SLOT_LEN, struct.pack("=Q", (1 << 64) - 1))])
 @example(sent=b"abc", op="recv", writes=[(SLOT_LEN, struct.pack("=Q", (1 << 64) - 1))])
 @example(sent=b"abc", op="recv_array", writes=[(SLOT_KIND, struct.pack("=I", 1))])
+@example(sent=np.zeros((0, 3), "<i4"), op="recv_array",   # holds nothing, yet too big for NumPy
+         writes=[(SLOT_HEADER + ARRAY_META + 8, struct.pack("=Q", 1 << 62))])
 @given(sent=st.one_of(message_arrays, st.binary(max_size=300)),
        op=st.sampled_from(["recv", "recv_array", "receive", "recv_many"]),
        writes=st.integers(0, 40).flatmap(slot_scribbles))
