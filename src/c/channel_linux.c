@@ -692,6 +692,24 @@ int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t d
     return rc;
 }
 
+/* Consumers ask, at every take, for the word and message start of the slot
+   TAKE_AHEAD past the last one taken: when the producers are ahead, that
+   message was written on another core, and a take that finds its lines
+   still there waits for them one after the other.  Asked for early, they
+   travel while the caller handles the messages in between.  For reading
+   only: a producer still writing that slot loses nothing but a shared
+   copy.  Measured with the benchmark's 64 B stream, one at a time, in
+   paired runs: x1.07 and x1.35 when the two CPUs were far apart (a cache
+   line's round trip 400 ns), x0.99 when near; 4 KiB x1.03. */
+#define TAKE_AHEAD 4u
+
+static void prefetch_ahead(fmap_chanmap *m, uint64_t pos)
+{
+    const char *s = (const char *)slot_at(m, pos);
+    __builtin_prefetch(s, 0, 3);
+    __builtin_prefetch(s + SLOT_HEADER, 0, 3);
+}
+
 int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
                    uint64_t *pos, uint32_t *got, fmap_err *e)
 {
@@ -705,6 +723,8 @@ int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t dead
                         &m->h->parts[m->part].sleeping[0], n,
                         spin_max, deadline, pos, got);
     }
+    if (rc == FMAP_OK)
+        prefetch_ahead(m, *pos + *got - 1 + TAKE_AHEAD);
     return rc;
 }
 
