@@ -723,7 +723,9 @@ int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t dead
                         &m->h->parts[m->part].sleeping[0], n,
                         spin_max, deadline, pos, got);
     }
-    if (rc == FMAP_OK)
+    /* Not in a small ring: there the slot ahead is soon the producers'
+       next, and a shared copy of it here costs their write a round trip. */
+    if (rc == FMAP_OK && m->capacity >= 4 * TAKE_AHEAD)
         prefetch_ahead(m, *pos + *got - 1 + TAKE_AHEAD);
     return rc;
 }
