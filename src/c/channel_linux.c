@@ -471,6 +471,24 @@ enum { EMPTY = -1 };   /* try_*: nothing to claim now */
    reports "nothing now", and the caller's wait, with its timeout, goes on. */
 #define RETRIES 4096u
 
+/* Swap up to n consecutive slots from `from` that are unclaimed in state
+   `want` to state `to`, claimed by this process: how many; *w is the word
+   of the first slot not swapped (the producers' and the consumers' claims
+   differ only in the two states). */
+static uint32_t claim_run(fmap_chanmap *m, uint64_t from, uint32_t n, uint32_t want,
+                          uint32_t to, uint64_t *w)
+{
+    uint32_t i = 0;
+    while (i < n) {
+        *w = load_word(m, from + i);
+        if (*w != WORD(from + i, 0, want) ||
+            !cas_word(m, from + i, w, WORD(from + i, m->part, to)))
+            break;
+        i++;
+    }
+    return i;
+}
+
 /* Producer: claim up to n consecutive FREE slots at the head.  check_dead:
    a full ring whose oldest slot is claimed by a dead process is freed. */
 static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos,
@@ -481,14 +499,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *po
         return FMAP_CHAN_CLOSED;
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t hd = load64(&h->head), w = 0;
-        uint32_t i = 0;
-        while (i < n) {
-            w = load_word(m, hd + i);
-            if (w != WORD(hd + i, 0, S_FREE) ||
-                !cas_word(m, hd + i, &w, WORD(hd + i, m->part, S_WRITING)))
-                break;
-            i++;
-        }
+        uint32_t i = claim_run(m, hd, n, S_FREE, S_WRITING, &w);
         if (i > 0) {
             advance(&h->head, hd, hd + i);
             /* Closed after we looked: give the slots back (a consumer may
@@ -531,14 +542,7 @@ static int try_take(fmap_chanmap *m, uint32_t n, int check_dead, uint64_t *pos, 
     struct fmap_chan *h = m->h;
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t tl = load64(&h->tail), w = 0;
-        uint32_t i = 0;
-        while (i < n) {
-            w = load_word(m, tl + i);
-            if (w != WORD(tl + i, 0, S_FULL) ||
-                !cas_word(m, tl + i, &w, WORD(tl + i, m->part, S_READING)))
-                break;
-            i++;
-        }
+        uint32_t i = claim_run(m, tl, n, S_FULL, S_READING, &w);
         if (i > 0) {
             advance(&h->tail, tl, tl + i);
             /* Slots given back unsent behind these are passed now: len()
