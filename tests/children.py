@@ -182,6 +182,20 @@ def wait_pid(pid, timeout=TIMEOUT):
         time.sleep(0.005)
 
 
+def asleep_in_futex(pid):
+    """True when process pid sleeps (state S) in a futex wait, as far as
+    /proc/<pid>/wchan tells (it reads "0" or nothing where the kernel hides
+    it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        return False
+    return state == "S" and (wchan in ("", "0") or "futex" in wchan)
+
+
 def poll(predicate, timeout=5.0, interval=0.02):
     """Wait until predicate() is true; its last value."""
     deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ import pytest
 
 import fmap
 from conftest import raises
-from children import Background, poll
+from children import Background, asleep_in_futex as asleep, poll
 
 WAIT = 10.0      # the bound on any wait that should end at once
 HOLD = 30.0      # how long a child that waits to be killed waits at most
@@ -151,18 +151,6 @@ def forks():
 
 def say(out, text):
     os.write(out, text.encode() + b"\n")
-
-
-def asleep(pid):
-    """True when process pid sleeps (state S), in a futex wait where wchan says."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-    except OSError:
-        return False
-    return state == "S" and (wchan in ("", "0") or "futex" in wchan)
 
 
 def channel_maps(name):

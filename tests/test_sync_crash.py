@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fmap
-from children import children, poll  # noqa: F401 - fixture
+from children import asleep_in_futex, children, poll  # noqa: F401 - fixture
 
 CHILD_TIMEOUT = 30
 
@@ -150,24 +150,12 @@ def test_killed_waiter_leaves_the_semaphore_working(name, children):
         p = children(code)
         p.expect("waiting")
         # Killed while blocked in the wait (it reaches it within a few ms).
-        assert poll(lambda: _waiting_in_kernel(p.pid), timeout=CHILD_TIMEOUT)
+        assert poll(lambda: asleep_in_futex(p.pid), timeout=CHILD_TIMEOUT)
         kill(p)
         assert s.release() == 0 and s.count == 1      # nothing was taken by the dead
         assert s.acquire(timeout=0) and s.acquire(timeout=0.01) is False
     finally:
         s.close()
-
-
-def _waiting_in_kernel(pid):
-    """True when process pid sleeps (state S) in a futex wait."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-    except OSError:
-        return False
-    return state == "S" and (not wchan or "futex" in wchan or wchan == "0")
 
 
 # ---- Ctrl-C ---------------------------------------------------------------
@@ -197,7 +185,7 @@ def test_ctrl_c_interrupts_a_blocked_wait(name, kind, children):
         """)
         p = children(code)     # its wait has no timeout: the fixture kills it if need be
         p.expect("waiting")
-        assert poll(lambda: _waiting_in_kernel(p.pid), timeout=CHILD_TIMEOUT)
+        assert poll(lambda: asleep_in_futex(p.pid), timeout=CHILD_TIMEOUT)
         sent = time.monotonic()
         p.proc.send_signal(signal.SIGINT)
         word, when = p.expect("interrupted", timeout=5).split()
