@@ -617,11 +617,7 @@ class MpPipe(Impl):
         def run(self, n):
             send = self.conn.send_bytes
             if self.sec.pingpong:
-                recv = self.conn.recv_bytes
-                for s, m in enumerate(self.msgs):
-                    send(m)
-                    if recv() != m:
-                        raise Corrupt(f"round trip {s}: the echo differs from the request")
+                _ask(send, self.conn.recv_bytes, self.msgs)
                 return
             for m in self.messages(n):
                 send(m)
@@ -656,6 +652,14 @@ class MpPipe(Impl):
                 left += 1
             self.conn.close()
             return left
+
+
+def _ask(send, recv, msgs) -> None:
+    """The round trip's client: send each request, compare the echo with it."""
+    for s, m in enumerate(msgs):
+        send(m)
+        if recv() != m:
+            raise Corrupt(f"round trip {s}: the echo differs from the request")
 
 
 def _echo(recv, send, pay: Payload, n: int) -> None:
@@ -977,11 +981,7 @@ class FmapPingPong(Impl):
             self.prepare_source(n)
 
         def run(self, n):
-            send, recv = self.req.send, self.rsp.recv
-            for s, m in enumerate(self.msgs):
-                send(m)
-                if recv() != m:
-                    raise Corrupt(f"round trip {s}: the echo differs from the request")
+            _ask(self.req.send, self.rsp.recv, self.msgs)
 
         def close(self):
             left = len(self.rsp)
