@@ -437,7 +437,7 @@ cdef class Channel(Handle):
             i = 0
             try:
                 while i < got:
-                    item = items[sent]
+                    item = items[sent + i]
                     have_view = False
                     if type(item) is bytes:
                         src = PyBytes_AS_STRING(item)
@@ -449,7 +449,7 @@ cdef class Channel(Handle):
                         n = view.len
                     try:
                         if <uint64_t>n > self.message_size:
-                            self._too_big(n, f"message {sent}")
+                            self._too_big(n, f"message {sent + i}")
                         if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                             gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
                         else:
@@ -457,11 +457,14 @@ cdef class Channel(Handle):
                     finally:
                         if have_view:
                             PyBuffer_Release(&view)
-                    fmap_chan_commit(&cm.m, pos + i, n, KIND_BYTES)
+                    fmap_chan_set_length(&cm.m, pos + i, n, KIND_BYTES)
                     i += 1
-                    sent += 1
             finally:
-                while i < got:           # an item failed: give its slot and the rest back
+                # The copied ones go out together; if an item failed, its
+                # slot and the rest go back.
+                fmap_chan_publish(&cm.m, pos, i)
+                sent += i
+                while i < got:
                     fmap_chan_discard(&cm.m, pos + i)
                     i += 1
                 fmap_chan_wake_consumers(&cm.m, got)
@@ -920,3 +923,20 @@ def _channel_unpickle(name, key, pid, fd, dev, ino):
     if key is not None:
         return _channel_open(name, key, dev, ino)
     return _channel_reach(pid, fd, dev, ino)
+
+
+def _channel_claim_unnamed(Channel ch, bint producer, uint32_t n):
+    """Test hook: claim up to n slots (producer) or messages without naming
+    this process in them, as a claimer killed between the cursor's swap and
+    the names leaves the ring; (position, count), or None when there was
+    nothing to claim.  Only for tests, in a process they then kill."""
+    cdef fmap_err e
+    cdef uint64_t pos = 0
+    cdef uint32_t got = 0
+    cdef ChanMap cm = ch._map()
+    rc = fmap_chan_claim_unnamed(&cm.m, producer, n, &pos, &got, &e)
+    if rc == FMAP_OK:
+        return pos, got
+    if rc < 0 or rc == FMAP_CHAN_CLOSED:
+        return None
+    raise_err(&e, "cannot claim")

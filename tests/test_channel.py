@@ -552,6 +552,24 @@ def test_len_does_not_count_a_discarded_message(closer):
     assert len(ch) == 0
 
 
+def test_len_does_not_count_a_message_given_back_behind_another(closer):
+    # Slot 1 goes back unsent while slot 0 is still being written: the tail
+    # cannot pass it yet.  The consumer that takes slot 0 passes it.
+    ch = make(closer, capacity=8)
+    first = ch.reserve(4)
+    with pytest.raises(KeyError):
+        with ch.reserve(4):
+            raise KeyError
+    ch.send(b"two")
+    assert len(ch) == 3                  # claimed by producers: 0, 1 and 2
+    with first as buf:
+        buf[:] = b"one!"
+    assert ch.recv(timeout=0) == b"one!"
+    assert len(ch) == 1 and ch.stats()["taken"] == 2
+    assert ch.recv(timeout=0) == b"two"
+    assert len(ch) == 0
+
+
 def test_reserve_with_a_live_buffer_is_not_sent(closer):
     ch = make(closer, capacity=1, message_size=16)
     with raises(BufferError, match="1 buffer"):

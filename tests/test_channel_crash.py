@@ -376,7 +376,81 @@ def test_producer_killed_asleep_in_send(name, forks):
     assert_nothing_left(ch, name)
 
 
-# ---- 5. random kills in a stream ---------------------------------------------------
+# ---- 5. killed between a claim and its names ---------------------------------------
+#
+# A claim is one swap on a cursor, then a store of the claimer's name into each
+# claimed slot.  A process killed between the two leaves slots that still read
+# as unclaimed, behind the cursor.  The test hook makes exactly that claim (a
+# real kill seldom lands in a window of a few instructions), and the child is
+# killed holding it.  Then either another claim on the same side follows (it
+# names the dead claim before it moves the cursor on), or none does (the
+# cursor itself names the dead claimer, and the blocked side finds it there).
+
+THEN = ["another claim", "none"]
+
+
+def claim_unnamed(name, producer, n):
+    def run(out):
+        c = fmap.Channel.open(name)
+        pos, got = fmap._fmap._channel_claim_unnamed(c, producer, n)
+        say(out, f"claimed {pos} {got}")
+        time.sleep(HOLD)
+    return run
+
+
+@pytest.mark.parametrize("then", THEN)
+def test_producer_killed_between_claim_and_names(name, forks, then):
+    ch = fmap.Channel.create(name, 4, message_size=64)
+    d = forks(claim_unnamed(name, True, 2))
+    assert d.expect("claimed") == "claimed 0 2"
+    if then == "another claim":
+        ch.send(b"after", timeout=0)          # position 2, behind the claim
+    assert len(ch) == (3 if then == "another claim" else 2)
+    got = Background(lambda: ch.recv(timeout=WAIT))
+    time.sleep(0.05)                          # its 10 ms checks find the claimer alive
+    assert len(ch) == (3 if then == "another claim" else 2)
+    d.killed()
+    killed = time.monotonic()
+    # The dead claim is dropped, never delivered: the tail passes it.
+    if then == "none":
+        assert poll(lambda: len(ch) == 0, STALL), ch.stats()
+        ch.send(b"after", timeout=0)
+    assert got.result() == b"after"
+    assert time.monotonic() - killed < STALL
+    assert drain(ch) == [] and len(ch) == 0
+    for i in range(9):                        # every slot comes round again
+        ch.send(b"again-%d" % i, timeout=WAIT)
+        assert ch.recv(timeout=WAIT) == b"again-%d" % i
+    assert_nothing_left(ch, name)
+
+
+@pytest.mark.parametrize("then", THEN)
+def test_consumer_killed_between_claim_and_names(name, forks, then):
+    ch = fmap.Channel.create(name, 2, message_size=64)
+    ch.send(b"m0")
+    ch.send(b"m1")
+    d = forks(claim_unnamed(name, False, 1))
+    assert d.expect("claimed") == "claimed 0 1"
+    if then == "another claim":
+        assert ch.recv(timeout=0) == b"m1"    # names m0's taker first
+    sender = Background(lambda: ch.send(b"new", timeout=WAIT))
+    assert poll(lambda: ch.stats()["producers_sleeping"] == 1, WAIT)
+    time.sleep(0.05)                          # m0's slot is held while its taker lives
+    assert ch.stats()["producers_sleeping"] == 1
+    d.killed()
+    killed = time.monotonic()
+    sender.result()
+    assert time.monotonic() - killed < STALL
+    # m0 is lost with its taker, not delivered again.
+    assert drain(ch) == ([b"new"] if then == "another claim" else [b"m1", b"new"])
+    assert len(ch) == 0
+    for i in range(5):
+        ch.send(b"again", timeout=WAIT)
+        assert ch.recv(timeout=WAIT) == b"again"
+    assert_nothing_left(ch, name)
+
+
+# ---- 6. random kills in a stream ---------------------------------------------------
 
 RUN_S = 3.0            # how long the stream runs under kills
 RECORD = struct.Struct("<iii")     # what a consumer reports: producer, seq, status

@@ -255,16 +255,17 @@ void fmap_event_reset(fmap_sync *s);
 /* A Channel is a memfd registered under FMAP_T_CHANNEL: a header (magic,
    version, sizes, cursors, futex words, participant records) and a ring of
    `capacity` slots, each carrying one message of up to `msg_size` bytes.
-   Producers and consumers claim slots with compare-and-swap on the slot's
-   own state word, which names the claimer, so a process that dies holding a
-   slot is found and its slot given back (see channel_linux.c). */
+   Producers and consumers claim runs of slots with one compare-and-swap on
+   a cursor, then name themselves in each slot's state word, so a process
+   that dies holding a slot is found and its slot given back (see
+   channel_linux.c). */
 #define FMAP_CHAN_PARTS 1024        /* processes attached at once */
 #define FMAP_CHAN_MAX_CAPACITY (1u << 24)
-#define FMAP_CHAN_CLOSED 3
+#define FMAP_CHAN_CLOSED 3          /* wait result: closed (send), closed and drained (receive) */
 /* Each slot holds msg_size bytes and this much more: room for the
    description of an array (dtype, shape) in front of msg_size bytes of its
    data, so a channel made for N-byte frames carries N-byte arrays. */
-#define FMAP_CHAN_ROOM 320          /* wait result: closed (send), closed and drained (receive) */
+#define FMAP_CHAN_ROOM 320
 
 typedef struct fmap_chan fmap_chan;   /* the shared header */
 
@@ -281,6 +282,7 @@ typedef struct {
     uint64_t capacity, mask, msg_size, stride;
     uint32_t part;          /* our participant record */
     int pid;                /* the process that holds `part` (a forked child rejoins) */
+    uint64_t id;            /* this map's number in this process, never reused */
     uint64_t spin_cur;      /* adaptive spin budget, ns */
     uint64_t spin_since;    /* when spin_cur was last raised or decayed (fmap_clock_ns) */
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
@@ -303,8 +305,8 @@ int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e);
 void fmap_chan_unmap(fmap_chanmap *m);
 /* A snapshot; `parts` counts live processes (a /proc read for each other one). */
 void fmap_chan_state(fmap_chanmap *m, fmap_chanstate *st);
-uint64_t fmap_chan_pending(fmap_chanmap *m);
-int fmap_chan_ended(fmap_chanmap *m);          /* closed: the end of the stream */   /* claimed by producers, not yet by consumers */
+uint64_t fmap_chan_pending(fmap_chanmap *m);   /* claimed by producers, not yet by consumers */
+int fmap_chan_ended(fmap_chanmap *m);          /* closed: the end of the stream */
 
 /* Claim a slot to write (producer) or a message to read (consumer).
    spin_max: ns of adaptive spinning before sleeping; deadline: absolute
@@ -318,8 +320,11 @@ int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t dead
 /* A slot's payload, and its message's length and kind (consumer side). */
 char *fmap_chan_payload(fmap_chanmap *m, uint64_t pos);
 uint64_t fmap_chan_length(fmap_chanmap *m, uint64_t pos, uint32_t *kind);
-/* Publish reserved slots pos..pos+n-1, each with its length (and kind). */
+/* Publish a reserved slot's message of len bytes (and kind). */
 void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind);
+/* A batch: set each slot's length and kind, then publish pos..pos+n-1 at once. */
+void fmap_chan_set_length(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind);
+void fmap_chan_publish(fmap_chanmap *m, uint64_t pos, uint32_t n);
 void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n);
 /* Give a reserved slot back unsent (consumers skip it). */
 void fmap_chan_discard(fmap_chanmap *m, uint64_t pos);
@@ -333,5 +338,10 @@ int fmap_chan_release(fmap_chanmap *m, uint64_t pos);
 void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n);
 /* End of stream: senders fail from now on, receivers drain and then fail. */
 void fmap_chan_close(fmap_chanmap *m);
+/* Test hook: claim (producer or consumer) without naming the claimer in the
+   slots, as a claimer killed between the cursor's swap and the names leaves
+   the ring.  Only for tests that then kill the caller. */
+int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t *pos,
+                            uint32_t *got, fmap_err *e);
 
 #endif

@@ -194,12 +194,16 @@ cdef extern from "c/fmap.h" nogil:
     char *fmap_chan_payload(fmap_chanmap *m, uint64_t pos)
     uint64_t fmap_chan_length(fmap_chanmap *m, uint64_t pos, uint32_t *kind)
     void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
+    void fmap_chan_set_length(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
+    void fmap_chan_publish(fmap_chanmap *m, uint64_t pos, uint32_t n)
     void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n)
     void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
     void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
     int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
     void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n)
     void fmap_chan_close(fmap_chanmap *m)
+    int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t *pos,
+                                uint32_t *got, fmap_err *e)
 
 
 cdef class Handle:
