@@ -504,12 +504,9 @@ cdef class Channel(Handle):
                     skip = array_data_offset(src, n) if kind == KIND_ARRAY else 0
                     out.append(PyBytes_FromStringAndSize(src + skip, n - skip))
                     total += n
-                    fmap_chan_release(&cm.m, pos + i)
                     i += 1
             finally:
-                while i < got:
-                    fmap_chan_release(&cm.m, pos + i)
-                    i += 1
+                fmap_chan_release_run(&cm.m, pos, got)     # copied or not: all go back
                 fmap_chan_wake_producers(&cm.m, got)
             want -= got
             if want <= 0 or total >= RECV_MANY_BYTES:

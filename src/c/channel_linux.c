@@ -29,11 +29,14 @@
  * on the other side's core.  64-byte messages in batches of 64, in C: 42-45 M
  * msg/s against 15 M with a swap per slot when the two CPUs are close (a
  * cache line's round trip 100 ns), 15 M against 4.7 M when far (400 ns).
- * Between the swap and
- * the names, a claimed slot still reads FREE(p) (FULL(p)) though behind the
- * cursor; the cursor names the claim that moved it, and each claim names
- * the one before it, if need be, before it moves the cursor on
- * (mark_behind), so that a dead claimer is always found.
+ * Between the swap and the names, a claimed slot still reads FREE(p)
+ * (FULL(p)) though behind the cursor; the cursor names the claim that moved
+ * it, and each claim names the one before it, if need be, before it moves
+ * the cursor on (mark_behind), so that a dead claimer is always found.
+ *
+ * Batches are published, and given back, last slot first, each FREE or FULL
+ * word carrying the length of the run it starts: a claim reads one word per
+ * run, not one per slot, and the other lines travel while the claimer works.
  *
  * A waiter blocked on a WRITING or READING slot whose claimer is dead (its
  * pid gone, a zombie, or reused by a process with another start time) turns
@@ -81,6 +84,15 @@ enum { S_FREE = 0, S_WRITING = 1, S_FULL = 2, S_READING = 3 };
 #define POS_MASK ((UINT64_C(1) << 52) - 1)
 #define WORD(pos, owner, state) \
     ((((pos) & POS_MASK) << 12) | ((uint64_t)(owner) << 2) | (uint64_t)(state))
+/* FREE and FULL words name no one: their claimer bits hold a run instead,
+   how many slots from this one are known to be in the same state (0 and 1:
+   this one).  A run is stored last slot first, so whoever reads its first
+   word may take all of it without reading the others' (one remote line per
+   run, not per slot); no one else changes those slots before taking that
+   first one. */
+#define W_RUN(w) (W_OWNER(w) ? W_OWNER(w) : 1u)
+#define W_BARE(w) ((w) & ~((uint64_t)(FMAP_CHAN_PARTS - 1) << 2))
+#define RUN_MAX (FMAP_CHAN_PARTS - 1)
 _Static_assert(FMAP_CHAN_PARTS == 1024, "10 bits of claimer");
 
 struct part {
@@ -224,8 +236,8 @@ static void mark_behind(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_
     uint64_t p = C_POS(cur);
     for (uint64_t k = 0; k < m->capacity; k++) {
         p--;
-        uint64_t w = WORD(p, 0, unnamed);
-        if (load_word(m, p) != w)
+        uint64_t w = load_word(m, p);
+        if (W_BARE(w) != WORD(p, 0, unnamed))
             return;
         cas_word(m, p, &w, WORD(p, C_OWNER(cur), named));
     }
@@ -599,14 +611,16 @@ enum { EMPTY = -1 };   /* try_*: nothing to claim now */
    reports "nothing now", and the caller's wait, with its timeout, goes on. */
 #define RETRIES 4096u
 
-/* How many of the n slots from `from` read exactly `want` for their
-   position (FREE(p): a producer may claim it; FULL(p): a consumer may);
-   *w is the word of the first that does not. */
+/* How many of the n slots from `from` are `want` for their position
+   (FREE(p): a producer may claim it; FULL(p): a consumer may), reading the
+   first word of each run; *w is the word of the first slot that is not. */
 static uint32_t run_of(fmap_chanmap *m, uint64_t from, uint32_t n, uint32_t want, uint64_t *w)
 {
     uint32_t i = 0;
-    while (i < n && (*w = load_word(m, from + i)) == WORD(from + i, 0, want))
-        i++;
+    while (i < n && W_BARE(*w = load_word(m, from + i)) == WORD(from + i, 0, want)) {
+        uint32_t r = W_RUN(*w);
+        i += r < n - i ? r : n - i;
+    }
     return i;
 }
 
@@ -646,10 +660,10 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
         return FMAP_CHAN_CLOSED;
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t cur = load64(&h->head), hd = C_POS(cur), w = 0;
-        if (n > 1)
-            prefetch_batch(m, hd, n, 1);
         name_behind(m, HEAD, cur);
         uint32_t i = run_of(m, hd, n, S_FREE, &w);
+        if (i > 1)
+            prefetch_batch(m, hd, i, 1);
         if (i > 0) {
             uint64_t to = CURSOR(hd + i, m->part);
             if (!cas64(&h->head, &cur, to))
@@ -716,12 +730,9 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t cur = load64(&h->tail), tl = C_POS(cur), w = 0;
         name_behind(m, TAIL, cur);
-        uint32_t i = run_of(m, tl, 1, S_FULL, &w);
-        if (i > 0 && n > 1) {
-            /* A batch is published last slot first: the rest is there. */
-            prefetch_batch(m, tl + 1, n - 1, 0);
-            i += run_of(m, tl + 1, n - 1, S_FULL, &w);
-        }
+        uint32_t i = run_of(m, tl, n, S_FULL, &w);
+        if (i > 1)
+            prefetch_batch(m, tl + 1, i - 1, 0);
         if (i > 0) {
             uint64_t to = CURSOR(tl + i, m->part);
             if (!cas64(&h->tail, &cur, to))
@@ -970,7 +981,7 @@ void fmap_chan_publish(fmap_chanmap *m, uint64_t pos, uint32_t n)
        as it is written and moving its line back and forth).  Consumers
        take in position order, so each producer's order stands. */
     for (uint32_t k = n; k-- > 0;)
-        store_word(m, pos + k, WORD(pos + k, 0, S_FULL));
+        store_word(m, pos + k, WORD(pos + k, n - k < RUN_MAX ? n - k : RUN_MAX, S_FULL));
 }
 
 void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
@@ -981,7 +992,7 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
        its lines were last read by a consumer, on another core; asking for
        them now, for writing, overlaps their transfer with whatever the
        caller does before its next send (4 KiB messages: 4-10% faster). */
-    if (load_word(m, pos + 1) == WORD(pos + 1, 0, S_FREE))
+    if (W_BARE(load_word(m, pos + 1)) == WORD(pos + 1, 0, S_FREE))
         prefetch_for_write((const char *)slot_at(m, pos + 1),
                            SLOT_HEADER + (len < PREFETCH_MAX ? len : PREFETCH_MAX));
 }
@@ -1015,6 +1026,18 @@ void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
     if (make_hole(m, pos, WORD(pos, m->part, S_WRITING), WORD(pos, m->part, S_READING))) {
         skip_holes(m);
         fmap_chan_wake_consumers(m, INT_MAX);
+    }
+}
+
+void fmap_chan_release_run(fmap_chanmap *m, uint64_t pos, uint32_t n)
+{
+    /* Last slot first, as a run: a producer claiming these slots reads one
+       word for all of them. */
+    for (uint32_t k = n; k-- > 0;) {
+        if (load_word(m, pos + k) == WORD(pos + k, m->part, S_READING))
+            store_word(m, pos + k, WORD(pos + k + m->capacity, n - k < RUN_MAX ? n - k : RUN_MAX, S_FREE));
+        else
+            n = k;          /* not ours (taken for dead): the run starts after it */
     }
 }
 

@@ -335,6 +335,9 @@ void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos);
 /* Give a read slot back to the producers.  0, or -1 when the slot was no
    longer ours (this process was taken for dead: never, while it lives). */
 int fmap_chan_release(fmap_chanmap *m, uint64_t pos);
+/* Give back read slots pos..pos+n-1 at once (a producer then claims them
+   reading one word). */
+void fmap_chan_release_run(fmap_chanmap *m, uint64_t pos, uint32_t n);
 void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n);
 /* End of stream: senders fail from now on, receivers drain and then fail. */
 void fmap_chan_close(fmap_chanmap *m);

@@ -200,6 +200,7 @@ cdef extern from "c/fmap.h" nogil:
     void fmap_chan_discard(fmap_chanmap *m, uint64_t pos)
     void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
     int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
+    void fmap_chan_release_run(fmap_chanmap *m, uint64_t pos, uint32_t n)
     void fmap_chan_wake_producers(fmap_chanmap *m, uint32_t n)
     void fmap_chan_close(fmap_chanmap *m)
     int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t *pos,
