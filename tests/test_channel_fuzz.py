@@ -90,20 +90,23 @@ def scribbler(ch):
 # Channel.open checks.
 HEADER = {"magic": (0, "8s"), "version": (8, "=I"), "header_size": (12, "=I"),
           "capacity": (16, "=Q"), "msg_size": (24, "=Q"), "stride": (32, "=Q"),
-          "slots_offset": (40, "=Q"), "total_size": (48, "=Q"), "nparts": (56, "=I")}
-HEADER_END = 60
-# struct slot: the state word, the message's length and kind; the payload
-# starts SLOT_HEADER bytes in.  An array message's payload begins with its
+          "slots_offset": (40, "=Q"), "total_size": (48, "=Q"), "nparts": (56, "=I"),
+          "meta_offset": (64, "=Q")}
+HEADER_END = 72
+# struct meta, one per slot at meta_offset: the state word, then the
+# message's length (48 bits) and kind (16 bits).  A slot's payload starts at
+# slots_offset + k * stride.  An array message's payload begins with its
 # description (channel.pxi): u32 ndim, u32 dtype code length, the code (up
 # to 24 bytes), ndim x u64 shape, then the data at a multiple of 64.
-SLOT_LEN, SLOT_KIND, SLOT_HEADER = 8, 16, 64
+META, META_LEN, META_KIND = 16, 8, 14
 ARRAY_META, ARRAY_ALIGN = 32, 64
 
 
 def stride_of(message_size):
-    """Bytes per slot (stride_of in channel_linux.c): its header, room for an
-    array's description, the message, 64-byte aligned."""
-    return SLOT_HEADER + (message_size + 320 + 63) // 64 * 64
+    """Bytes per slot (stride_of in channel_linux.c): room for an array's
+    description and the message, in an odd number of 64-byte lines."""
+    lines = (message_size + 320 + 63) // 64
+    return 64 * (lines if lines % 2 else lines + 1)
 
 
 def header_field(mem, field):
@@ -871,6 +874,7 @@ def header_scribbles(draw, original):
 @example(data=None, fixed=[(40, struct.pack("=Q", 0))])                # slots over the header
 @example(data=None, fixed=[(48, struct.pack("=Q", 1 << 62))])          # total size
 @example(data=None, fixed=[(56, struct.pack("=I", 0))])                # participant records
+@example(data=None, fixed=[(64, struct.pack("=Q", 0))])                # metadata over the header
 @given(data=st.data(), fixed=st.none())
 def test_hostile_header(name, data, fixed):
     ch = fmap.Channel.create(name, 4, message_size=100)
@@ -970,33 +974,42 @@ CODES = [b"|V0", b"<U0", b"|S0", b"|O", b"|O8", b"i4,u1", b"(2,)i4", b"(2,", b"\
          b"<M8[Y]", b">f8", b"<c16", b"|b1", b"<U3", b"x" * 24, b"notadtype", b"\0"]
 
 
+def meta_len(v):
+    """A write of the length field: its 48 bits of v."""
+    return ("meta", META_LEN, struct.pack("=Q", v & ((1 << 48) - 1))[:6])
+
+
+def meta_kind(v):
+    return ("meta", META_KIND, struct.pack("=H", v))
+
+
 @st.composite
 def slot_scribbles(draw, ndim):
-    """(offset in the slot, bytes) writes over a slot's length, kind and the
-    array description at the start of its payload."""
+    """("meta" or "slot", offset, bytes) writes over slot 0's length and kind
+    (in its metadata) and the array description at the start of its payload."""
     writes = []
     for _ in range(draw(st.integers(1, 3))):
         what = draw(st.sampled_from(["len", "kind", "ndim", "code", "shape"]))
         if what == "len":
-            v = draw(st.one_of(st.integers(0, 1 << 64 - 1), st.integers(0, 1000),
-                               st.sampled_from([(1 << 64) - 1, 1 << 63, 0])))
-            writes.append((SLOT_LEN, struct.pack("=Q", v)))
+            writes.append(meta_len(draw(st.one_of(
+                st.integers(0, (1 << 48) - 1), st.integers(0, 1000),
+                st.sampled_from([(1 << 48) - 1, 1 << 47, 0])))))
         elif what == "kind":
-            writes.append((SLOT_KIND, struct.pack("=I", draw(st.sampled_from(
-                [0, 1, 2, (1 << 32) - 1]) | st.integers(0, (1 << 32) - 1)))))
+            writes.append(meta_kind(draw(st.sampled_from([0, 1, 2, (1 << 16) - 1])
+                                         | st.integers(0, (1 << 16) - 1))))
         elif what == "ndim":
-            writes.append((SLOT_HEADER, struct.pack("=I", draw(st.sampled_from(
+            writes.append(("slot", 0, struct.pack("=I", draw(st.sampled_from(
                 [0, 1, 2, 31, 32, 33, 1 << 31, (1 << 32) - 1]) | st.integers(0, 40)))))
         elif what == "code":
             code = draw(st.sampled_from(CODES) | st.binary(max_size=24))
             length = draw(st.sampled_from([len(code), 0, 24, 25, (1 << 32) - 1]))
-            writes.append((SLOT_HEADER + 4, struct.pack("=I", length)))
-            writes.append((SLOT_HEADER + 8, code[:24]))
+            writes.append(("slot", 4, struct.pack("=I", length)))
+            writes.append(("slot", 8, code[:24]))
         else:
             i = draw(st.integers(0, max(ndim, 1) + 1))
             v = draw(st.sampled_from([0, 1, 2, 3, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1])
                      | st.integers(0, 500))
-            writes.append((SLOT_HEADER + ARRAY_META + 8 * i, struct.pack("=Q", v)))
+            writes.append(("slot", ARRAY_META + 8 * i, struct.pack("=Q", v)))
     return writes
 
 
@@ -1009,21 +1022,21 @@ message_arrays = st.sampled_from([
 @settings(max_examples=600, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @example(sent=np.arange(10, dtype="<i4"), op="recv_array",
-         writes=[(SLOT_HEADER + 4, struct.pack("=I", 3)), (SLOT_HEADER + 8, b"|V0")])
+         writes=[("slot", 4, struct.pack("=I", 3)), ("slot", 8, b"|V0")])
 @example(sent=np.arange(10, dtype="<i4"), op="recv_array",
-         writes=[(SLOT_HEADER + 4, struct.pack("=I", 2)), (SLOT_HEADER + 8, b"|O")])
+         writes=[("slot", 4, struct.pack("=I", 2)), ("slot", 8, b"|O")])
 @example(sent=np.arange(10, dtype="<i4"), op="recv_array",
-         writes=[(SLOT_HEADER + 8, b"\xff\xfe\xfd")])
+         writes=[("slot", 8, b"\xff\xfe\xfd")])
 @example(sent=np.arange(10, dtype="<i4"), op="recv_array",
-         writes=[(SLOT_HEADER + 4, struct.pack("=I", 6)), (SLOT_HEADER + 8, b"(2,)i4")])
+         writes=[("slot", 4, struct.pack("=I", 6)), ("slot", 8, b"(2,)i4")])
 @example(sent=np.arange(6, dtype=">f8").reshape(2, 3), op="recv_array",
-         writes=[(SLOT_HEADER + ARRAY_META, struct.pack("=Q", 1 << 63))])
+         writes=[("slot", ARRAY_META, struct.pack("=Q", 1 << 63))])
 @example(sent=np.arange(10, dtype="<i4"), op="recv_array",
-         writes=[(SLOT_LEN, struct.pack("=Q", (1 << 64) - 1))])
-@example(sent=b"abc", op="recv", writes=[(SLOT_LEN, struct.pack("=Q", (1 << 64) - 1))])
-@example(sent=b"abc", op="recv_array", writes=[(SLOT_KIND, struct.pack("=I", 1))])
+         writes=[meta_len((1 << 48) - 1)])
+@example(sent=b"abc", op="recv", writes=[meta_len((1 << 48) - 1)])
+@example(sent=b"abc", op="recv_array", writes=[meta_kind(1)])
 @example(sent=np.zeros((0, 3), "<i4"), op="recv_array",   # holds nothing, yet too big for NumPy
-         writes=[(SLOT_HEADER + ARRAY_META + 8, struct.pack("=Q", 1 << 62))])
+         writes=[("slot", ARRAY_META + 8, struct.pack("=Q", 1 << 62))])
 @given(sent=st.one_of(message_arrays, st.binary(max_size=300)),
        op=st.sampled_from(["recv", "recv_array", "receive", "recv_many"]),
        writes=st.integers(0, 40).flatmap(slot_scribbles))
@@ -1031,15 +1044,15 @@ def test_hostile_message(name, sent, op, writes):
     ch = fmap.Channel.create(name, 2, message_size=300)
     mem = scribbler(ch)
     try:
-        base = header_field(mem, "slots_offset")
-        room = header_field(mem, "stride") - SLOT_HEADER
+        base = {"slot": header_field(mem, "slots_offset"), "meta": header_field(mem, "meta_offset")}
+        room = header_field(mem, "stride")
         if isinstance(sent, bytes):
             ch.send(sent, timeout=0)
         else:
             ch.send_array(sent, timeout=0)
-        for off, raw in writes:                       # position 0: slot 0
-            mem[base + off:base + off + len(raw)] = raw
-        payload = bytes(mem[base + SLOT_HEADER:base + SLOT_HEADER + room])
+        for where, off, raw in writes:                # position 0: slot 0
+            mem[base[where] + off:base[where] + off + len(raw)] = raw
+        payload = bytes(mem[base["slot"]:base["slot"] + room])
         starts = range(0, ARRAY_META + 8 * 33 + ARRAY_ALIGN, ARRAY_ALIGN)
 
         def within_slot(data):
@@ -1090,12 +1103,11 @@ def test_hostile_state_words_never_hang(name, words, sent):
     ch = fmap.Channel.create(name, 4, message_size=64)
     mem = scribbler(ch)
     try:
-        base = header_field(mem, "slots_offset")
-        stride = header_field(mem, "stride")
+        meta = header_field(mem, "meta_offset")
         for _ in range(sent):
             ch.send(b"m", timeout=0)
         for k, w in enumerate(words):
-            struct.pack_into("=Q", mem, base + k * stride, w)
+            struct.pack_into("=Q", mem, meta + k * META, w)
         for call in (lambda: ch.send(b"x", timeout=0), lambda: ch.recv(timeout=0),
                      lambda: ch.send_many([b"y"] * 3, timeout=0),
                      lambda: ch.recv_many(3, timeout=0.01)):

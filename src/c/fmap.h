@@ -277,7 +277,8 @@ typedef struct {
 /* One process's view of a channel; lives in the core's ChanMap object. */
 typedef struct {
     fmap_chan *h;           /* owned: the whole object, mapped */
-    char *slots;            /* first slot */
+    char *meta;             /* the slots' metadata (state words, lengths) */
+    char *slots;            /* first slot's message */
     size_t maplen;
     uint64_t capacity, mask, msg_size, stride;
     uint32_t part;          /* our participant record */
