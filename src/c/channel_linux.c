@@ -9,8 +9,10 @@
  *            producers' cursor (head), the consumers' cursor (tail), the
  *            futex words sleepers wait on, and the closed flag;
  *   parts    participant records: (pid, start time) of every attached process;
- *   slots    `capacity` slots (a power of two), each a 64-byte header and up
- *            to `msg_size` bytes of message.
+ *   meta     for each slot, 16 bytes: its state word, its message's length
+ *            and kind (struct meta);
+ *   slots    `capacity` slots (a power of two), each room for `msg_size`
+ *            bytes of message and an array's description.
  *
  * The ring is Vyukov's bounded MPMC queue (each slot's 64-bit state word
  * holds the position it is ready for), with the claimer's name added for
