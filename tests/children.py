@@ -50,6 +50,12 @@ def run_python(code, timeout=TIMEOUT, **kwargs):
                     f"{(exc.stderr or b'').decode(errors='replace')}")
 
 
+# First line of a child that is to get SIGINT: a process started with SIGINT
+# ignored (a background job of a shell without job control: how CI may run
+# the suite) passes that on, and Python then never raises KeyboardInterrupt.
+SIGINT_RAISES = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+
+
 class Child:
     """`python -c code` talking in lines: send() to its stdin, expect() from
     its stdout.  Every read has a timeout; kill() is SIGKILL."""

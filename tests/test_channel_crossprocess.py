@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import fmap
-from children import children, join_all, poll, reap  # noqa: F401 - fixture
+from children import SIGINT_RAISES, children, join_all, poll, reap  # noqa: F401 - fixture
 
 ERROR_BROKEN_PIPE = 109
 ERROR_NO_DATA = 232
@@ -377,7 +377,7 @@ def test_multiprocessing_pool_workers_send_back(name, named):
 
 # Blocked without a timeout; after the interrupt it receives one message and
 # sends one, to show the channel still works.
-CTRL_C_CHILD = """
+CTRL_C_CHILD = SIGINT_RAISES + """
 import sys, time, fmap
 ch = fmap.Channel.open({name!r})
 try:

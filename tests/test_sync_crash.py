@@ -14,7 +14,7 @@ import time
 import pytest
 
 import fmap
-from children import asleep_in_futex, children, poll  # noqa: F401 - fixture
+from children import SIGINT_RAISES, asleep_in_futex, children, poll  # noqa: F401 - fixture
 
 CHILD_TIMEOUT = 30
 
@@ -172,7 +172,7 @@ WAITS = {
 def test_ctrl_c_interrupts_a_blocked_wait(name, kind, children):
     m = fmap.Mutex.create(name, owned=True)    # held here, so the child's waits block
     try:
-        code = textwrap.dedent(f"""
+        code = SIGINT_RAISES + textwrap.dedent(f"""
             import sys, time, fmap
             NAME = {name!r}
             try:
