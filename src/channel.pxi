@@ -937,3 +937,13 @@ def _channel_claim_unnamed(Channel ch, bint producer, uint32_t n):
     if rc < 0 or rc == FMAP_CHAN_CLOSED:
         return None
     raise_err(&e, "cannot claim")
+
+
+def _channel_name_partly(Channel ch, bint producer, uint32_t k):
+    """Test hook: name at most k slots of the newest claim on one side that
+    are still unnamed, as a process killed part-way through that leaves
+    them.  Only for tests."""
+    cdef fmap_err e
+    cdef ChanMap cm = ch._map()
+    if fmap_chan_name_partly(&cm.m, producer, k, &e) != FMAP_OK:
+        raise_err(&e, "cannot name")

@@ -450,6 +450,56 @@ def test_consumer_killed_between_claim_and_names(name, forks, then):
     assert_nothing_left(ch, name)
 
 
+def name_partly(name, producer, k):
+    def run(out):
+        c = fmap.Channel.open(name)
+        fmap._fmap._channel_name_partly(c, producer, k)
+        say(out, "named")
+    return run
+
+
+def test_producer_killed_while_another_names_its_claim(name, forks):
+    # X claims 6 slots and is killed before naming them; Y names 4 of them for
+    # it and dies too.  The 2 left unnamed must still be found: a later claim
+    # names them (they are the last before the cursor), and they are dropped.
+    ch = fmap.Channel.create(name, 8, message_size=64)
+    x = forks(claim_unnamed(name, True, 6))
+    assert x.expect("claimed") == "claimed 0 6"
+    y = forks(name_partly(name, True, 4))
+    y.expect("named")
+    assert y.wait() == 0
+    x.killed()
+    killed = time.monotonic()
+    ch.send(b"after", timeout=0)              # names the rest, then position 6
+    assert ch.recv(timeout=WAIT) == b"after"
+    assert time.monotonic() - killed < STALL
+    assert len(ch) == 0
+    for i in range(17):                       # every slot comes round again
+        ch.send(b"again-%d" % i, timeout=WAIT)
+        assert ch.recv(timeout=WAIT) == b"again-%d" % i
+    assert_nothing_left(ch, name)
+
+
+def test_consumer_killed_while_another_names_its_claim(name, forks):
+    ch = fmap.Channel.create(name, 8, message_size=64)
+    for i in range(8):
+        ch.send(b"m%d" % i)
+    x = forks(claim_unnamed(name, False, 6))
+    assert x.expect("claimed") == "claimed 0 6"
+    y = forks(name_partly(name, False, 4))
+    y.expect("named")
+    assert y.wait() == 0
+    x.killed()
+    killed = time.monotonic()
+    assert ch.recv(timeout=0) == b"m6"        # names the rest of X's claim first
+    for i in range(7):                        # every slot X held comes back
+        ch.send(b"n%d" % i, timeout=WAIT)
+    assert time.monotonic() - killed < STALL
+    assert drain(ch) == [b"m7"] + [b"n%d" % i for i in range(7)]
+    assert len(ch) == 0
+    assert_nothing_left(ch, name)
+
+
 # ---- 6. random kills in a stream ---------------------------------------------------
 
 RUN_S = 3.0            # how long the stream runs under kills

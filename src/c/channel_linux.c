@@ -241,21 +241,34 @@ static int64_t pos_diff(uint64_t w, uint64_t cursor)
    cursor names the claim that moved it; every claim, before it moves the
    cursor on, stores that claim's name into any of its slots still unnamed
    (this function), so that only the newest claim on a side can be unnamed,
-   and whoever looks for a dead claimer finds it through the cursor.  A
-   claimer names its slots in ascending order, so the unnamed ones are the
-   last few before the cursor.  The same name stored twice (here and by the
-   claimer itself) is harmless, and once the claimer has moved the slot on
-   (published, read) the swap here fails. */
+   and whoever looks for a dead claimer finds it through the cursor.
+
+   Everyone names in ascending order, the claimer and this function alike,
+   so the unnamed slots are always the last ones before the cursor: this
+   function reads down to the lowest unnamed slot, then names upwards.  (A
+   walker killed half-way down a top-down walk left named slots above
+   unnamed ones, where the next walk stopped: the ring was stuck for good.)
+   The same name stored twice (here and by the claimer itself) is harmless,
+   and once the claimer has moved a slot on (published, read) the swap here
+   fails.  limit: how many slots to name at most (the test hook that plays
+   a walker killed part-way). */
+static void mark_behind_n(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_t named,
+                          uint64_t limit)
+{
+    uint64_t top = C_POS(cur), p = top;
+    for (uint64_t k = 0; k < m->capacity; k++, p--)
+        if (W_BARE(load_word(m, p - 1)) != WORD(p - 1, 0, unnamed))
+            break;
+    for (; p != top && limit > 0; p++, limit--) {
+        uint64_t w = load_word(m, p);
+        if (W_BARE(w) == WORD(p, 0, unnamed))
+            cas_word(m, p, &w, WORD(p, C_OWNER(cur), named));
+    }
+}
+
 static void mark_behind(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_t named)
 {
-    uint64_t p = C_POS(cur);
-    for (uint64_t k = 0; k < m->capacity; k++) {
-        p--;
-        uint64_t w = load_word(m, p);
-        if (W_BARE(w) != WORD(p, 0, unnamed))
-            return;
-        cas_word(m, p, &w, WORD(p, C_OWNER(cur), named));
-    }
+    mark_behind_n(m, cur, unnamed, named, UINT64_MAX);
 }
 
 /* The cursors this thread last moved, and on which map.  A claim that
@@ -969,6 +982,17 @@ int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t 
     if (ensure_joined(m, e) != FMAP_OK)
         return e->status;
     return producer ? try_reserve(m, n, UNNAMED, pos, got) : try_take(m, n, UNNAMED, pos, got);
+}
+
+int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e)
+{
+    if (ensure_joined(m, e) != FMAP_OK)
+        return e->status;
+    if (producer)
+        mark_behind_n(m, load64(&m->h->head), S_FREE, S_WRITING, k);
+    else
+        mark_behind_n(m, load64(&m->h->tail), S_FULL, S_READING, k);
+    return FMAP_OK;
 }
 
 /* ---- messages ----------------------------------------------------------- */

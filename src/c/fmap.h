@@ -347,5 +347,8 @@ void fmap_chan_close(fmap_chanmap *m);
    the ring.  Only for tests that then kill the caller. */
 int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t *pos,
                             uint32_t *got, fmap_err *e);
+/* Test hook: name at most k slots of the newest claim on one side still
+   unnamed, as a process killed part-way through doing so leaves them. */
+int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e);
 
 #endif
