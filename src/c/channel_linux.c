@@ -307,7 +307,9 @@ static void moved(fmap_chanmap *m, int side, uint64_t cur)
    message given back unsent, withheld, or dropped with its dead producer).
    Counted first: a consumer looks for holes after a take only when the
    count says there are some, and the count is never below the holes the
-   tail has not passed. */
+   tail has not passed.  A process killed between the count and the swap
+   (or between passing a hole and the count) leaves it too high for good:
+   takes then look for holes every time, slower but no less right. */
 static int make_hole(fmap_chanmap *m, uint64_t pos, uint64_t from, uint64_t to)
 {
     __atomic_add_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
@@ -398,7 +400,9 @@ static void reap(fmap_chanmap *m, uint32_t i)
        claim behind it, and the dead claim no more): reading the others
        would allocate them. */
     uint64_t end = C_POS(load64(&h->head));
-    if (end > m->capacity)
+    /* Past the first lap, or wrapped round at 2^54 positions (the last
+       slot's raw word is 0 only until it is first used): every slot. */
+    if (end > m->capacity || load64(&meta_at(m, m->capacity - 1)->word) != 0)
         end = m->capacity;
     for (uint64_t k = 0; k < end; k++) {
         uint64_t w = load_word(m, k);
