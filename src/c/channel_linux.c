@@ -235,6 +235,40 @@ static int64_t pos_diff(uint64_t w, uint64_t cursor)
 #define CURSOR(pos, owner) (((uint64_t)(pos) << 10) | (uint64_t)(owner))
 #define C_POS_MASK ((UINT64_C(1) << 54) - 1)
 
+/* The two sides: producers claim FREE slots at the head and name them
+   WRITING; consumers claim FULL ones at the tail and name them READING. */
+enum { HEAD = 0, TAIL = 1 };
+
+static uint64_t *cursor_of(fmap_chanmap *m, int side)
+{
+    return side == HEAD ? &m->h->head : &m->h->tail;
+}
+
+static uint32_t claimable(int side)
+{
+    return side == HEAD ? S_FREE : S_FULL;
+}
+
+static uint32_t claimed(int side)
+{
+    return side == HEAD ? S_WRITING : S_READING;
+}
+
+/* A run's length as a FREE or FULL word holds it. */
+static uint32_t run_len(uint64_t n)
+{
+    return n < RUN_MAX ? (uint32_t)n : RUN_MAX;
+}
+
+/* A slot at the tail's position that needs no consumer: given back unsent
+   (FREE(tl + capacity)), withheld (READING(tl)), or dropped with a dead
+   producer; or the tail read was stale. */
+static int is_hole(uint64_t w, uint64_t tl)
+{
+    int64_t d = pos_diff(w, tl);
+    return d > 0 || (d == 0 && W_STATE(w) == S_READING);
+}
+
 /* Claims name their claimer in two steps: the cursor's swap, then a store
    into each claimed slot's word.  Between the two, a claimed slot still
    reads as unclaimed, FREE(p) or FULL(p), though behind the cursor.  The
@@ -250,11 +284,11 @@ static int64_t pos_diff(uint64_t w, uint64_t cursor)
    unnamed ones, where the next walk stopped: the ring was stuck for good.)
    The same name stored twice (here and by the claimer itself) is harmless,
    and once the claimer has moved a slot on (published, read) the swap here
-   fails.  limit: how many slots to name at most (the test hook that plays
-   a walker killed part-way). */
-static void mark_behind_n(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_t named,
-                          uint64_t limit)
+   fails.  cur: the side's cursor as read; limit: how many slots to name at
+   most (the test hook that plays a walker killed part-way). */
+static void mark_behind(fmap_chanmap *m, int side, uint64_t cur, uint64_t limit)
 {
+    uint32_t unnamed = claimable(side);
     uint64_t top = C_POS(cur), p = top;
     for (uint64_t k = 0; k < m->capacity; k++, p--)
         if (W_BARE(load_word(m, p - 1)) != WORD(p - 1, 0, unnamed))
@@ -262,13 +296,15 @@ static void mark_behind_n(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint3
     for (; p != top && limit > 0; p++, limit--) {
         uint64_t w = load_word(m, p);
         if (W_BARE(w) == WORD(p, 0, unnamed))
-            cas_word(m, p, &w, WORD(p, C_OWNER(cur), named));
+            cas_word(m, p, &w, WORD(p, C_OWNER(cur), claimed(side)));
     }
 }
 
-static void mark_behind(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_t named)
+/* Name the newest claim on a side, as its cursor reads now: for those who
+   look for a dead claimer. */
+static void name_newest(fmap_chanmap *m, int side)
 {
-    mark_behind_n(m, cur, unnamed, named, UINT64_MAX);
+    mark_behind(m, side, load64(cursor_of(m, side)), UINT64_MAX);
 }
 
 /* The cursors this thread last moved, and on which map.  A claim that
@@ -277,7 +313,6 @@ static void mark_behind(fmap_chanmap *m, uint64_t cur, uint32_t unnamed, uint32_
    in a stream with one producer and one consumer, never.  Cursor values
    never repeat (positions only grow), map ids are never reused, and a
    forked child's copy names claims its parent named before the fork. */
-enum { HEAD = 0, TAIL = 1 };
 static __thread struct {
     uint64_t map;
     uint64_t cur[2];
@@ -286,12 +321,8 @@ static uint64_t map_ids;
 
 static void name_behind(fmap_chanmap *m, int side, uint64_t cur)
 {
-    if (last.map == m->id && last.cur[side] == cur)
-        return;
-    if (side == HEAD)
-        mark_behind(m, cur, S_FREE, S_WRITING);
-    else
-        mark_behind(m, cur, S_FULL, S_READING);
+    if (!(last.map == m->id && last.cur[side] == cur))
+        mark_behind(m, side, cur, UINT64_MAX);
 }
 
 static void moved(fmap_chanmap *m, int side, uint64_t cur)
@@ -394,8 +425,8 @@ static void reap(fmap_chanmap *m, uint32_t i)
 {
     struct fmap_chan *h = m->h;
     /* Its newest claims may be still unnamed: name them first. */
-    mark_behind(m, load64(&h->head), S_FREE, S_WRITING);
-    mark_behind(m, load64(&h->tail), S_FULL, S_READING);
+    name_newest(m, HEAD);
+    name_newest(m, TAIL);
     /* Only slots some claim has reached, all behind the head (consumers
        claim behind it, and the dead claim no more): reading the others
        would allocate them. */
@@ -699,6 +730,23 @@ static void prefetch_batch(fmap_chanmap *m, uint64_t pos, uint32_t n, int to_wri
 #define UNNAMED 2       /* test hook: leave the claim unnamed, as a claimer killed
                            between the cursor's swap and the names would */
 
+/* Move a side's cursor from cur over the i slots from `from`, then name
+   this process in each: 0 when another claimer moved the cursor first.
+   UNNAMED leaves the names out. */
+static int claim_run(fmap_chanmap *m, int side, uint64_t cur, uint64_t from, uint32_t i,
+                     int flags)
+{
+    uint64_t to = CURSOR(from + i, m->part);
+    if (!cas64(cursor_of(m, side), &cur, to))
+        return 0;
+    if (!(flags & UNNAMED)) {
+        for (uint32_t k = 0; k < i; k++)
+            store_word(m, from + k, WORD(from + k, m->part, claimed(side)));
+        moved(m, side, to);
+    }
+    return 1;
+}
+
 /* Producer: claim up to n consecutive FREE slots at the head.  CHECK_DEAD:
    a full ring whose oldest slot is held by a dead process is freed. */
 static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint32_t *got)
@@ -713,16 +761,12 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
         if (i > 1)
             prefetch_batch(m, hd, i, 1);
         if (i > 0) {
-            uint64_t to = CURSOR(hd + i, m->part);
-            if (!cas64(&h->head, &cur, to))
+            if (!claim_run(m, HEAD, cur, hd, i, flags))
                 continue;                     /* another producer claimed first */
             *pos = hd;
             *got = i;
             if (flags & UNNAMED)
                 return FMAP_OK;
-            for (uint32_t k = 0; k < i; k++)
-                store_word(m, hd + k, WORD(hd + k, m->part, S_WRITING));
-            moved(m, HEAD, to);
             /* Closed after we looked: give the slots back (a consumer may
                have seen them free and the channel closed, and ended). */
             if (__atomic_load_n(&h->closed, __ATOMIC_SEQ_CST)) {
@@ -748,7 +792,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
                 /* Taken but not yet named, if behind the tail: name it, and
                    look at its taker. */
                 uint64_t was = w;
-                mark_behind(m, load64(&h->tail), S_FULL, S_READING);
+                name_newest(m, TAIL);
                 if (load_word(m, hd) != was)
                     continue;
             }
@@ -782,16 +826,12 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
         if (i > 1)
             prefetch_batch(m, tl + 1, i - 1, 0);
         if (i > 0) {
-            uint64_t to = CURSOR(tl + i, m->part);
-            if (!cas64(&h->tail, &cur, to))
+            if (!claim_run(m, TAIL, cur, tl, i, flags))
                 continue;                     /* another consumer took them first */
             *pos = tl;
             *got = i;
             if (flags & UNNAMED)
                 return FMAP_OK;
-            for (uint32_t k = 0; k < i; k++)
-                store_word(m, tl + k, WORD(tl + k, m->part, S_READING));
-            moved(m, TAIL, to);
             /* Slots given back unsent behind these are passed now: len()
                counts messages, and the next one may be one of them.  Only
                when there are any: reading the next slot's word takes its
@@ -802,9 +842,7 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
         }
         int64_t d = pos_diff(w, tl);
         uint32_t st = W_STATE(w);
-        if (d > 0 || (d == 0 && st == S_READING)) {
-            /* A hole (given back unsent: FREE(tl + capacity); withheld:
-               READING(tl)), or our tail was stale: pass it. */
+        if (is_hole(w, tl)) {
             pass_hole(m, cur);
             continue;
         }
@@ -821,7 +859,7 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
            published at tl.  Claimed already (behind the head), its claimer
            may have died before naming it: name it, and look at its claimer. */
         if ((flags & CHECK_DEAD) && d == 0 && ((C_POS(load64(&h->head)) - tl - 1) & C_POS_MASK) < m->capacity) {
-            mark_behind(m, load64(&h->head), S_FREE, S_WRITING);
+            name_newest(m, HEAD);
             if (load_word(m, tl) != w)
                 continue;
         }
@@ -992,10 +1030,8 @@ int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e
 {
     if (ensure_joined(m, e) != FMAP_OK)
         return e->status;
-    if (producer)
-        mark_behind_n(m, load64(&m->h->head), S_FREE, S_WRITING, k);
-    else
-        mark_behind_n(m, load64(&m->h->tail), S_FULL, S_READING, k);
+    int side = producer ? HEAD : TAIL;
+    mark_behind(m, side, load64(cursor_of(m, side)), k);
     return FMAP_OK;
 }
 
@@ -1028,7 +1064,7 @@ void fmap_chan_publish(fmap_chanmap *m, uint64_t pos, uint32_t n)
        as it is written and moving its line back and forth).  Consumers
        take in position order, so each producer's order stands. */
     for (uint32_t k = n; k-- > 0;)
-        store_word(m, pos + k, WORD(pos + k, n - k < RUN_MAX ? n - k : RUN_MAX, S_FULL));
+        store_word(m, pos + k, WORD(pos + k, run_len(n - k), S_FULL));
 }
 
 void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind)
@@ -1047,9 +1083,8 @@ static void skip_holes(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
-        uint64_t cur = load64(&h->tail), tl = C_POS(cur), w = load_word(m, tl);
-        int64_t d = pos_diff(w, tl);
-        if (!(d > 0 || (d == 0 && W_STATE(w) == S_READING)))
+        uint64_t cur = load64(&h->tail), tl = C_POS(cur);
+        if (!is_hole(load_word(m, tl), tl))
             return;
         pass_hole(m, cur);
     }
@@ -1072,25 +1107,29 @@ void fmap_chan_withhold(fmap_chanmap *m, uint64_t pos)
     }
 }
 
+/* Give a slot this process reads back to the producers, FREE for the next
+   lap with the given run: 0 when it was no longer ours.  Only we write a
+   slot we read, unless taken for dead: a plain store. */
+static int give_back(fmap_chanmap *m, uint64_t pos, uint32_t run)
+{
+    if (load_word(m, pos) != WORD(pos, m->part, S_READING))
+        return 0;
+    store_word(m, pos, WORD(pos + m->capacity, run, S_FREE));
+    return 1;
+}
+
 void fmap_chan_release_run(fmap_chanmap *m, uint64_t pos, uint32_t n)
 {
     /* Last slot first, as a run: a producer claiming these slots reads one
        word for all of them. */
-    for (uint32_t k = n; k-- > 0;) {
-        if (load_word(m, pos + k) == WORD(pos + k, m->part, S_READING))
-            store_word(m, pos + k, WORD(pos + k + m->capacity, n - k < RUN_MAX ? n - k : RUN_MAX, S_FREE));
-        else
+    for (uint32_t k = n; k-- > 0;)
+        if (!give_back(m, pos + k, run_len(n - k)))
             n = k;          /* not ours (taken for dead): the run starts after it */
-    }
 }
 
 int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
 {
-    /* Only we write a slot we read, unless taken for dead: a plain store. */
-    if (load_word(m, pos) != WORD(pos, m->part, S_READING))
-        return -1;
-    store_word(m, pos, WORD(pos + m->capacity, 0, S_FREE));
-    return 0;
+    return give_back(m, pos, 0) ? 0 : -1;
 }
 
 void fmap_chan_close(fmap_chanmap *m)
