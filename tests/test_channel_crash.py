@@ -458,18 +458,24 @@ def name_partly(name, producer, k):
     return run
 
 
+def claim_half_named_then_kill(name, forks, producer):
+    """X claims slots 0-5 unnamed; Y names 4 of them for it and exits; X is
+    killed.  The time of the kill."""
+    x = forks(claim_unnamed(name, producer, 6))
+    assert x.expect("claimed") == "claimed 0 6"
+    y = forks(name_partly(name, producer, 4))
+    y.expect("named")
+    assert y.wait() == 0
+    x.killed()
+    return time.monotonic()
+
+
 def test_producer_killed_while_another_names_its_claim(name, forks):
     # X claims 6 slots and is killed before naming them; Y names 4 of them for
     # it and dies too.  The 2 left unnamed must still be found: a later claim
     # names them (they are the last before the cursor), and they are dropped.
     ch = fmap.Channel.create(name, 8, message_size=64)
-    x = forks(claim_unnamed(name, True, 6))
-    assert x.expect("claimed") == "claimed 0 6"
-    y = forks(name_partly(name, True, 4))
-    y.expect("named")
-    assert y.wait() == 0
-    x.killed()
-    killed = time.monotonic()
+    killed = claim_half_named_then_kill(name, forks, True)
     ch.send(b"after", timeout=0)              # names the rest, then position 6
     assert ch.recv(timeout=WAIT) == b"after"
     assert time.monotonic() - killed < STALL
@@ -484,13 +490,7 @@ def test_consumer_killed_while_another_names_its_claim(name, forks):
     ch = fmap.Channel.create(name, 8, message_size=64)
     for i in range(8):
         ch.send(b"m%d" % i)
-    x = forks(claim_unnamed(name, False, 6))
-    assert x.expect("claimed") == "claimed 0 6"
-    y = forks(name_partly(name, False, 4))
-    y.expect("named")
-    assert y.wait() == 0
-    x.killed()
-    killed = time.monotonic()
+    killed = claim_half_named_then_kill(name, forks, False)
     assert ch.recv(timeout=0) == b"m6"        # names the rest of X's claim first
     for i in range(7):                        # every slot X held comes back
         ch.send(b"n%d" % i, timeout=WAIT)
