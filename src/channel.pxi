@@ -384,9 +384,9 @@ cdef class Channel(Handle):
                 gather(&cm.m, pos, dst, &view)
             elif <size_t>n >= NOGIL_COPY:
                 with nogil:
-                    memcpy(dst, src, n)
+                    fmap_chan_copy_in(&cm.m, dst, src, n)
             else:
-                memcpy(dst, src, n)
+                fmap_chan_copy_in(&cm.m, dst, src, n)
             fmap_chan_commit(&cm.m, pos, n, KIND_BYTES)
             fmap_chan_wake_consumers(&cm.m, 1)
         finally:
@@ -453,7 +453,7 @@ cdef class Channel(Handle):
                         if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                             gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
                         else:
-                            memcpy(fmap_chan_payload(&cm.m, pos + i), src, n)
+                            fmap_chan_copy_in(&cm.m, fmap_chan_payload(&cm.m, pos + i), src, n)
                     finally:
                         if have_view:
                             PyBuffer_Release(&view)
@@ -595,9 +595,9 @@ cdef class Channel(Handle):
                 try:
                     if nbytes >= NOGIL_COPY:
                         with nogil:
-                            memcpy(dst + meta, view.buf, nbytes)
+                            fmap_chan_copy_in(&cm.m, dst + meta, view.buf, nbytes)
                     else:
-                        memcpy(dst + meta, view.buf, nbytes)
+                        fmap_chan_copy_in(&cm.m, dst + meta, view.buf, nbytes)
                 finally:
                     PyBuffer_Release(&view)
             else:
@@ -947,3 +947,23 @@ def _channel_name_partly(Channel ch, bint producer, uint32_t k):
     cdef ChanMap cm = ch._map()
     if fmap_chan_name_partly(&cm.m, producer, k, &e) != FMAP_OK:
         raise_err(&e, "cannot name")
+
+
+_COPY_KINDS = {"choose": 0, "plain": 1, "streaming": 2}
+
+
+def _channel_copy_choice(Channel ch, force=None, epoch=None):
+    """Test hook for how this handle copies messages in (plain or streaming
+    stores, chosen by timing both).  force: "choose", "plain" or
+    "streaming".  epoch: (nbytes, ns), ends a timing epoch as if nbytes had
+    been copied in ns nanoseconds.  Returns the choice as it then stands:
+    (streaming, phase, epochs left before the next trial, backoff)."""
+    cdef uint32_t out[4]
+    cdef ChanMap cm = ch._map()
+    if force is not None:
+        fmap_chan_copy_force(&cm.m, _COPY_KINDS[force])
+    if epoch is not None:
+        nbytes, ns = epoch
+        fmap_chan_copy_epoch(&cm.m, nbytes, ns)
+    fmap_chan_copy_state(&cm.m, out)
+    return bool(out[0]), ("use", "warm", "try")[out[1]], out[2], out[3]

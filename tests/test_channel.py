@@ -370,6 +370,109 @@ def test_blocked_recv_wakes_on_send(closer):
         assert time.monotonic() - t0 < 1.0
 
 
+# ---- copying in: plain or streaming stores --------------------------------------
+#
+# Messages of 1 KiB and more are copied into their slot with plain stores or
+# with streaming ones, whichever this handle has timed as the faster (see
+# fmap_chan_copy_in).  The numbers here are the C code's: CP_FIRST epochs
+# before the first trial, CP_USE_EPOCHS between trials, doubled per backoff
+# step up to CP_BACKOFF_MAX.
+
+CP_FIRST, CP_USE_EPOCHS, CP_BACKOFF_MAX = 3, 30, 4
+
+COPY_SIZES = [1023, 1024, 1025, 1087, 4096, 4097, 9000, 65536 + 13]
+
+
+@pytest.mark.parametrize("kind", ["plain", "streaming", "choose"])
+def test_messages_copied_either_way_arrive_intact(closer, kind):
+    ch = make(closer, capacity=16, message_size=70000)
+    fmap._fmap._channel_copy_choice(ch, force=kind)
+    data = os.urandom(70000 + 64)
+    for n in COPY_SIZES:
+        for skew in (0, 1, 7, 63):          # source and slot lines not aligned alike
+            msg = memoryview(data)[skew:skew + n]
+            ch.send(msg)
+            assert ch.recv() == msg
+            assert ch.send_many([msg, msg[1:]]) == 2
+            assert [ch.recv(), ch.recv()] == [msg, msg[1:]]
+            a = np.frombuffer(data, np.uint8, n, skew)
+            ch.send_array(a)
+            assert np.array_equal(ch.recv_array(), a)
+    a = np.arange(5000, dtype=np.float64).reshape(50, 100)
+    ch.send_array(a)
+    assert np.array_equal(ch.recv_array(), a)
+
+
+def test_small_messages_are_not_timed(closer):
+    ch = make(closer, capacity=16, message_size=2048)
+    start = fmap._fmap._channel_copy_choice(ch)
+    assert start == (False, "use", 0, 0)
+    for _ in range(3000):                   # 3 MB, under 1 KiB a message
+        ch.send(bytes(1023))
+        ch.recv()
+    assert fmap._fmap._channel_copy_choice(ch) == start
+    for _ in range(3000):                   # 3 MB in messages of 1 KiB: the trial starts
+        ch.send(bytes(1024))
+        ch.recv()
+    assert fmap._fmap._channel_copy_choice(ch) != start
+
+
+def test_forced_kinds_are_not_timed(closer):
+    ch = make(closer, capacity=16, message_size=4096)
+    for kind in ("plain", "streaming"):
+        before = fmap._fmap._channel_copy_choice(ch, force=kind)
+        for _ in range(2000):
+            ch.send(bytes(4096))
+            ch.recv()
+        assert fmap._fmap._channel_copy_choice(ch) == before
+
+
+def test_copy_choice_keeps_the_faster_kind(closer):
+    """The trial logic, fed epochs of a given rate (bytes per us)."""
+    ch = make(closer, capacity=4, message_size=4096)
+    choice = fmap._fmap._channel_copy_choice
+
+    def epoch(rate):
+        return choice(ch, epoch=(rate * 1000, 1000000))    # 1 ms at `rate`
+
+    def use(rate, epochs):
+        for _ in range(epochs - 1):
+            state = epoch(rate)
+            assert state[1] == "use"
+        return epoch(rate)                 # the last one: the trial begins
+
+    # Plain stores first; after CP_FIRST epochs, streaming ones are tried.
+    assert use(1000, CP_FIRST) == (True, "warm", 0, 0)
+    assert epoch(1) == (True, "try", 0, 0)         # the settling epoch is not judged
+    # Streaming, three times faster: kept.
+    assert epoch(3000) == (True, "use", CP_USE_EPOCHS, 0)
+    # Plain tried again, a third as fast: streaming stays, and the next
+    # trial comes twice as late, then four times, up to CP_BACKOFF_MAX.
+    for k in range(1, CP_BACKOFF_MAX + 2):
+        assert use(3000, CP_USE_EPOCHS << min(k - 1, CP_BACKOFF_MAX)) == (False, "warm", 0,
+                                                                     min(k - 1, CP_BACKOFF_MAX))
+        epoch(3000)
+        assert epoch(1000) == (True, "use", CP_USE_EPOCHS << min(k, CP_BACKOFF_MAX),
+                               min(k, CP_BACKOFF_MAX))
+    backoff = CP_BACKOFF_MAX
+    # A trial within 5% either way changes nothing, not even the backoff.
+    use(3000, CP_USE_EPOCHS << backoff)
+    epoch(1)
+    assert epoch(3100) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
+    use(3000, CP_USE_EPOCHS << backoff)
+    epoch(1)
+    assert epoch(2900) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
+    # Plain 10% faster now (the processes moved): it takes over, and trials
+    # come soon again.
+    use(3000, CP_USE_EPOCHS << backoff)
+    epoch(1)
+    assert epoch(3300) == (False, "use", CP_USE_EPOCHS, 0)
+    # Streaming 10% slower than plain: plain stays, the backoff does not grow.
+    use(3300, CP_USE_EPOCHS)
+    epoch(1)
+    assert epoch(3000) == (False, "use", CP_USE_EPOCHS, 0)
+
+
 # ---- send_many / recv_many -------------------------------------------------------
 
 def test_send_many_recv_many(closer):

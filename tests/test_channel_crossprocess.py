@@ -70,8 +70,10 @@ def _numbered(rng, producer, seq, how, message_size):
     return HEADER.pack(producer, seq, zlib.crc32(payload), how) + payload
 
 
-def _produce(ch, producer, count, message_size, seed):
+def _produce(ch, producer, count, message_size, seed, copy=None):
     rng = random.Random(seed)
+    if copy is not None:
+        fmap._fmap._channel_copy_choice(ch, force=copy)
     seq = 0
     while seq < count:
         how = rng.randrange(5)
@@ -107,6 +109,11 @@ def _produce(ch, producer, count, message_size, seed):
         else:
             ch.send_array(np.frombuffer(msg, "<i4").reshape(-1, 4), timeout=T)
         seq += 1
+    if copy == "choose":
+        # Enough was copied for the choice to have tried the other kind of
+        # stores at least once (a trial ends with `left` set past its start).
+        nt, phase, left, backoff = fmap._fmap._channel_copy_choice(ch)
+        assert nt or phase != "use" or left > 3, (nt, phase, left, backoff)
 
 
 class Tally:
@@ -181,14 +188,28 @@ PIPELINES = [
 
 @pytest.mark.parametrize("producers, consumers, method, named", PIPELINES)
 def test_every_message_once_in_order_intact(tmp_path, name, producers, consumers, method, named):
+    check_pipeline(tmp_path, name, producers, consumers, method, named, 6000, 600)
+
+
+@pytest.mark.parametrize("copy", ["streaming", "choose"])
+@pytest.mark.parametrize("producers, consumers", [(1, 1), (2, 2)])
+def test_every_message_intact_whatever_stores_copy_it_in(tmp_path, producers, consumers, copy):
+    """Messages of 1 KiB and more are copied in with plain or streaming
+    stores (see fmap_chan_copy_in); streaming ones must be complete before
+    the message is published.  "choose" switches between the two as it
+    times them, mid-stream."""
+    check_pipeline(tmp_path, None, producers, consumers, "fork", False, 8000, 6000, copy)
+
+
+def check_pipeline(tmp_path, name, producers, consumers, method, named, total, message_size,
+                   copy=None):
     ctx = mp.get_context(method)
-    per = 6000 // producers
-    message_size = 600
+    per = total // producers
     ch = channel_for(named, name, 8, message_size)
     outs = [tmp_path / f"consumer{i}" for i in range(consumers)]
     cons = [ctx.Process(target=_consume, args=(ch, str(out), 100 + i))
             for i, out in enumerate(outs)]
-    prods = [ctx.Process(target=_produce, args=(ch, p, per, message_size, p))
+    prods = [ctx.Process(target=_produce, args=(ch, p, per, message_size, p, copy))
              for p in range(producers)]
     try:
         start_all(cons + prods)

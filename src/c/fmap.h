@@ -287,6 +287,17 @@ typedef struct {
     uint64_t spin_cur;      /* adaptive spin budget, ns */
     uint64_t spin_since;    /* when spin_cur was last raised or decayed (fmap_clock_ns) */
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
+    struct {                /* fmap_chan_copy_in's choice of stores (channel_linux.c) */
+        uint64_t start;     /* when this epoch began (fmap_clock_ns), 0 before the first */
+        uint64_t bytes;     /* copied so far in this epoch */
+        uint64_t before;    /* the last epoch's rate with the kind in use, bytes/us */
+        uint32_t msgs;      /* copied so far in this epoch */
+        uint32_t left;      /* epochs until the next trial of the other kind */
+        uint8_t nt;         /* streaming stores in use */
+        uint8_t phase;      /* CP_USE, CP_WARM, CP_TRY */
+        uint8_t backoff;    /* trials in a row that the kind in use won by far */
+        uint8_t force;      /* test hook: 0 choose, 1 plain, 2 streaming */
+    } cp;
 } fmap_chanmap;
 
 typedef struct {
@@ -326,6 +337,16 @@ void fmap_chan_commit(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind
 /* A batch: set each slot's length and kind, then publish pos..pos+n-1 at once. */
 void fmap_chan_set_length(fmap_chanmap *m, uint64_t pos, uint64_t len, uint32_t kind);
 void fmap_chan_publish(fmap_chanmap *m, uint64_t pos, uint32_t n);
+/* Copy n bytes of a message into its slot at dst, with whichever kind of
+   stores has been the faster on this handle (see channel_linux.c); before
+   the message is committed or published. */
+void fmap_chan_copy_in(fmap_chanmap *m, char *dst, const void *src, size_t n);
+/* Test hooks for that choice: fix it (how: 0 choose, 1 plain stores, 2
+   streaming); read it (nt, phase, epochs left, backoff); end an epoch as if
+   `bytes` had been copied in `ns` nanoseconds. */
+void fmap_chan_copy_force(fmap_chanmap *m, int how);
+void fmap_chan_copy_state(fmap_chanmap *m, uint32_t out[4]);
+void fmap_chan_copy_epoch(fmap_chanmap *m, uint64_t bytes, uint64_t ns);
 void fmap_chan_wake_consumers(fmap_chanmap *m, uint32_t n);
 /* Give a reserved slot back unsent (consumers skip it). */
 void fmap_chan_discard(fmap_chanmap *m, uint64_t pos);
