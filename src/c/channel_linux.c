@@ -733,6 +733,23 @@ static void prefetch_batch(fmap_chanmap *m, uint64_t pos, uint32_t n, int to_wri
 #define CHECK_DEAD 1    /* blocked long enough: look for a dead claimer */
 #define UNNAMED 2       /* test hook: leave the claim unnamed, as a claimer killed
                            between the cursor's swap and the names would */
+#define SPINNING 4      /* the first GATE_NS of a wait's spin (producers: see GATE_SLOTS) */
+
+/* A producer that finds the ring full waits, while it spins, until
+   GATE_SLOTS slots are free, not one.  Claiming each slot as the consumer
+   frees it keeps the two on the same metadata line (four slots to a line),
+   which then moves between their cores at every message; GATE_SLOTS apart,
+   each works on lines the other is done with.  The consumer loses nothing:
+   it has the rest of the ring to read meanwhile.  For GATE_NS at most (a
+   slot the consumers withhold, a message kept in hand, must not hold the
+   producer for all of its spin), never once asleep (every freed slot would
+   wake the producer to sleep again), nor in rings of fewer than
+   4 * GATE_SLOTS slots (a quarter at most is held back).
+   Measured with the benchmark, 4 KiB messages one at a time, interleaved:
+   1.46 against 1.12 M msg/s with the CPUs far apart (with the prefetch in
+   fmap_chan_release), 1.56 against 1.48 M close. */
+#define GATE_SLOTS 16u
+#define GATE_NS 50000u
 
 /* Move a side's cursor from cur over the i slots from `from`, then name
    this process in each: 0 when another claimer moved the cursor first.
@@ -758,6 +775,11 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
     struct fmap_chan *h = m->h;
     if (__atomic_load_n(&h->closed, __ATOMIC_SEQ_CST))
         return FMAP_CHAN_CLOSED;
+    if ((flags & SPINNING) && m->capacity >= 4 * GATE_SLOTS) {
+        uint64_t gate = C_POS(load64(&h->head)) + GATE_SLOTS - 1;
+        if (W_BARE(load_word(m, gate)) != WORD(gate, 0, S_FREE))
+            return EMPTY;
+    }
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t cur = load64(&h->head), hd = C_POS(cur), w = 0;
         name_behind(m, HEAD, cur);
@@ -919,7 +941,7 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
         uint64_t spin_end = start + budget, next_yield = start + YIELD_NS;
         for (unsigned k = 1;; k++) {
             cpu_relax();
-            rc = try(m, n, 0, pos, got);
+            rc = try(m, n, now - start < GATE_NS ? SPINNING : 0, pos, got);
             if (rc != EMPTY) {
                 if (k >= 16)
                     now = fmap_clock_ns();
@@ -1284,9 +1306,36 @@ void fmap_chan_release_run(fmap_chanmap *m, uint64_t pos, uint32_t n)
             n = k;          /* not ours (taken for dead): the run starts after it */
 }
 
+/* A consumer taking messages one at a time asks, as it gives one back, for
+   all the lines of the next if that one is published: they travel while the
+   caller handles this one, where the copy that reaches them would wait for
+   them a few at a time (TAKE_AHEAD asks only for a message's first line).
+   Not in channels of messages under NEXT_MIN bytes: reading the next word
+   takes its line from the producer about to write it, which costs small
+   messages 10% (see try_take).  Up to NEXT_MAX bytes: the cache keeps them
+   until the copy.  4 KiB messages, interleaved: with GATE_SLOTS, 1.46
+   against 1.37 M msg/s far, 1.58 against 1.55 M close. */
+#define NEXT_MIN 1024u
+#define NEXT_MAX 16384u
+
+static void prefetch_next(fmap_chanmap *m, uint64_t pos)
+{
+    uint64_t next = pos + 1;
+    if (W_BARE(load_word(m, next)) != WORD(next, 0, S_FULL))
+        return;
+    uint64_t len = meta_at(m, next)->len_kind & ((UINT64_C(1) << LEN_BITS) - 1);
+    const char *p = slot_at(m, next);
+    for (uint64_t k = 0; k < len && k < NEXT_MAX; k += 64)
+        __builtin_prefetch(p + k, 0, 3);
+}
+
 int fmap_chan_release(fmap_chanmap *m, uint64_t pos)
 {
-    return give_back(m, pos, 0) ? 0 : -1;
+    if (!give_back(m, pos, 0))
+        return -1;
+    if (m->msg_size >= NEXT_MIN)
+        prefetch_next(m, pos);
+    return 0;
 }
 
 void fmap_chan_close(fmap_chanmap *m)
