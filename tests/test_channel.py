@@ -396,9 +396,9 @@ def test_blocked_recv_wakes_on_send(closer):
 # with streaming ones, whichever this handle has timed as the faster (see
 # fmap_chan_copy_in).  The numbers here are the C code's: CP_FIRST epochs
 # before the first trial, CP_USE_EPOCHS between trials, doubled per backoff
-# step up to CP_BACKOFF_MAX.
+# step up to CP_BACKOFF_MAX, CP_TRY_EPOCHS timed in a trial.
 
-CP_FIRST, CP_USE_EPOCHS, CP_BACKOFF_MAX = 3, 30, 4
+CP_FIRST, CP_USE_EPOCHS, CP_TRY_EPOCHS, CP_BACKOFF_MAX = 3, 30, 2, 4
 
 COPY_SIZES = [1023, 1024, 1025, 1087, 4096, 4097, 9000, 65536 + 13]
 
@@ -461,36 +461,56 @@ def test_copy_choice_keeps_the_faster_kind(closer):
             assert state[1] == "use"
         return epoch(rate)                 # the last one: the trial begins
 
+    def trial(settle, rate):
+        """The other kind: one epoch settling (a ring of 4 slots fills in
+        one), then CP_TRY_EPOCHS timed."""
+        assert epoch(settle)[1] == "try"
+        for _ in range(CP_TRY_EPOCHS - 1):
+            assert epoch(rate)[1] == "try"
+        return epoch(rate)
+
     # Plain stores first; after CP_FIRST epochs, streaming ones are tried.
     assert use(1000, CP_FIRST) == (True, "warm", 0, 0)
-    assert epoch(1) == (True, "try", 0, 0)         # the settling epoch is not judged
-    # Streaming, three times faster: kept.
-    assert epoch(3000) == (True, "use", CP_USE_EPOCHS, 0)
+    # Streaming, three times faster (the settling epoch is not judged): kept.
+    assert trial(1, 3000) == (True, "use", CP_USE_EPOCHS, 0)
     # Plain tried again, a third as fast: streaming stays, and the next
     # trial comes twice as late, then four times, up to CP_BACKOFF_MAX.
     for k in range(1, CP_BACKOFF_MAX + 2):
-        assert use(3000, CP_USE_EPOCHS << min(k - 1, CP_BACKOFF_MAX)) == (False, "warm", 0,
-                                                                     min(k - 1, CP_BACKOFF_MAX))
-        epoch(3000)
-        assert epoch(1000) == (True, "use", CP_USE_EPOCHS << min(k, CP_BACKOFF_MAX),
-                               min(k, CP_BACKOFF_MAX))
+        before = min(k - 1, CP_BACKOFF_MAX)
+        assert use(3000, CP_USE_EPOCHS << before) == (False, "warm", 0, before)
+        assert trial(9999, 1000) == (True, "use", CP_USE_EPOCHS << min(k, CP_BACKOFF_MAX),
+                                     min(k, CP_BACKOFF_MAX))
     backoff = CP_BACKOFF_MAX
     # A trial within 5% either way changes nothing, not even the backoff.
     use(3000, CP_USE_EPOCHS << backoff)
-    epoch(1)
-    assert epoch(3100) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
+    assert trial(1, 3100) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
     use(3000, CP_USE_EPOCHS << backoff)
-    epoch(1)
-    assert epoch(2900) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
+    assert trial(1, 2900) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
+    # One slow epoch just before a trial does not decide it: the kind in use
+    # is judged by its running average (here 2750, not 2000).
+    use(3000, (CP_USE_EPOCHS << backoff) - 1)
+    assert epoch(2000)[1] == "warm"
+    assert trial(1, 2800) == (True, "use", CP_USE_EPOCHS << backoff, backoff)
     # Plain 10% faster now (the processes moved): it takes over, and trials
     # come soon again.
     use(3000, CP_USE_EPOCHS << backoff)
-    epoch(1)
-    assert epoch(3300) == (False, "use", CP_USE_EPOCHS, 0)
+    assert trial(1, 3300) == (False, "use", CP_USE_EPOCHS, 0)
     # Streaming 10% slower than plain: plain stays, the backoff does not grow.
     use(3300, CP_USE_EPOCHS)
-    epoch(1)
-    assert epoch(3000) == (False, "use", CP_USE_EPOCHS, 0)
+    assert trial(1, 3000) == (False, "use", CP_USE_EPOCHS, 0)
+
+
+def test_copy_trial_waits_for_the_ring_to_turn_over(closer):
+    # While the ring is full the consumers read what was copied a ring's
+    # worth of messages ago: the trial's timing starts after that many.
+    ch = make(closer, capacity=64, message_size=4096)
+    choice = fmap._fmap._channel_copy_choice
+    for _ in range(CP_FIRST):
+        state = choice(ch, epoch=(10 ** 6, 10 ** 6))
+    assert state == (True, "warm", 0, 0)
+    for _ in range(64 // 16 - 1):          # the hook's epochs are of 16 messages
+        assert choice(ch, epoch=(10 ** 6, 10 ** 6))[1] == "warm"
+    assert choice(ch, epoch=(10 ** 6, 10 ** 6))[1] == "try"
 
 
 # ---- send_many / recv_many -------------------------------------------------------

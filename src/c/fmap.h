@@ -290,9 +290,11 @@ typedef struct {
     struct {                /* fmap_chan_copy_in's choice of stores (channel_linux.c) */
         uint64_t start;     /* when this epoch began (fmap_clock_ns), 0 before the first */
         uint64_t bytes;     /* copied so far in this epoch */
-        uint64_t before;    /* the last epoch's rate with the kind in use, bytes/us */
+        uint64_t avg;       /* the kind in use: its epochs' running average, bytes/us */
+        uint64_t tried_bytes, tried_ns;     /* the trial of the other kind */
         uint32_t msgs;      /* copied so far in this epoch */
         uint32_t left;      /* epochs until the next trial of the other kind */
+        uint32_t count;     /* messages settling, then epochs timed, in a trial */
         uint8_t nt;         /* streaming stores in use */
         uint8_t phase;      /* CP_USE, CP_WARM, CP_TRY */
         uint8_t backoff;    /* trials in a row that the kind in use won by far */
