@@ -711,7 +711,9 @@ cdef class Channel(Handle):
     def stats(self):
         """A snapshot of the shared state, for diagnostics: a dict of sent
         (messages claimed by producers), taken (by consumers), pending,
-        ended, processes (attached), and sleeping producers and consumers."""
+        ended, processes (attached: those that created or opened it, and
+        forked children from their first send or receive on it), and
+        sleeping producers and consumers."""
         cdef fmap_chanstate st
         cdef ChanMap cm = self._map()
         fmap_chan_state(&cm.m, &st)
