@@ -1344,7 +1344,8 @@ static void prefetch_next(fmap_chanmap *m, uint64_t pos)
     uint64_t next = pos + 1;
     if (W_BARE(load_word(m, next)) != WORD(next, 0, S_FULL))
         return;
-    uint64_t len = meta_at(m, next)->len_kind & ((UINT64_C(1) << LEN_BITS) - 1);
+    uint32_t kind;
+    uint64_t len = fmap_chan_length(m, next, &kind);     /* within the slot */
     const char *p = slot_at(m, next);
     for (uint64_t k = 0; k < len && k < NEXT_MAX; k += 64)
         __builtin_prefetch(p + k, 0, 3);
