@@ -299,6 +299,7 @@ typedef struct {
         uint8_t phase;      /* CP_USE, CP_WARM, CP_TRY */
         uint8_t backoff;    /* trials in a row that the kind in use won by far */
         uint8_t force;      /* test hook: 0 choose, 1 plain, 2 streaming */
+        uint8_t first;      /* the first epoch, not counted */
     } cp;
 } fmap_chanmap;
 
