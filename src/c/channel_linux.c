@@ -740,15 +740,15 @@ static void prefetch_batch(fmap_chanmap *m, uint64_t pos, uint32_t n, int to_wri
 #define CHECK_DEAD 1    /* blocked long enough: look for a dead claimer */
 #define UNNAMED 2       /* test hook: leave the claim unnamed, as a claimer killed
                            between the cursor's swap and the names would */
-#define SPINNING 4      /* the first GATE_NS of a wait's spin (producers: see GATE_SLOTS) */
+#define SPINNING 4      /* a producer's gated spin: see GATE_SLOTS */
 
 /* A producer that finds the ring full waits, while it spins, until
    GATE_SLOTS slots are free, not one.  Claiming each slot as the consumer
    frees it keeps the two on the same metadata line (four slots to a line),
    which then moves between their cores at every message; GATE_SLOTS apart,
-   each works on lines the other is done with.  Only while GATE_SLOTS
-   messages or more are pending, so the consumer loses nothing: it has those
-   to read meanwhile.  (Consumers that keep messages in hand, recv_array's
+   each works on lines the other is done with.  Only when GATE_SLOTS
+   messages or more are pending as the wait begins, so the consumer loses
+   nothing: it has those to read meanwhile.  (Consumers that keep messages in hand, recv_array's
    arrays or a window of jobs, fill the ring with slots that are in use but
    not pending; gated then, each send waited out GATE_NS while the consumer
    waited for it: 23 k msg/s instead of 150 k, found in review.)  For
@@ -785,10 +785,9 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
     struct fmap_chan *h = m->h;
     if (__atomic_load_n(&h->closed, __ATOMIC_SEQ_CST))
         return FMAP_CHAN_CLOSED;
-    if ((flags & SPINNING) && m->capacity >= 4 * GATE_SLOTS) {
-        uint64_t hd = C_POS(load64(&h->head)), gate = hd + GATE_SLOTS - 1;
-        if (((hd - C_POS(load64(&h->tail))) & C_POS_MASK) >= GATE_SLOTS &&
-            W_BARE(load_word(m, gate)) != WORD(gate, 0, S_FREE))
+    if (flags & SPINNING) {
+        uint64_t gate = C_POS(load64(&h->head)) + GATE_SLOTS - 1;
+        if (W_BARE(load_word(m, gate)) != WORD(gate, 0, S_FREE))
             return EMPTY;
     }
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
@@ -939,6 +938,17 @@ static void adapt(fmap_chanmap *m, uint64_t waited, uint64_t now, uint64_t spin_
     m->spin_cur = cur < spin_max ? cur : spin_max;
 }
 
+/* Whether a producer's wait starting now is gated (see GATE_SLOTS): asked
+   once per wait, since the tail's line is the consumers', written at every
+   take; read at every turn of the spin, it slowed them. */
+static int gated(fmap_chanmap *m)
+{
+    if (m->capacity < 4 * GATE_SLOTS)
+        return 0;
+    uint64_t hd = C_POS(load64(&m->h->head)), tl = C_POS(load64(&m->h->tail));
+    return ((hd - tl) & C_POS_MASK) >= GATE_SLOTS;
+}
+
 /* Spin (up to the adaptive budget), then sleep on the futex, until claimed,
    closed or the deadline.  The caller has tried once already. */
 static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *sleepers,
@@ -950,9 +960,10 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
     int rc;
     if (budget) {
         uint64_t spin_end = start + budget, next_yield = start + YIELD_NS;
+        uint64_t gate_end = try == try_reserve && gated(m) ? start + GATE_NS : 0;
         for (unsigned k = 1;; k++) {
             cpu_relax();
-            rc = try(m, n, now - start < GATE_NS ? SPINNING : 0, pos, got);
+            rc = try(m, n, now < gate_end ? SPINNING : 0, pos, got);
             if (rc != EMPTY) {
                 if (k >= 16)
                     now = fmap_clock_ns();
