@@ -748,13 +748,13 @@ static void prefetch_batch(fmap_chanmap *m, uint64_t pos, uint32_t n, int to_wri
    which then moves between their cores at every message; GATE_SLOTS apart,
    each works on lines the other is done with.  Only when GATE_SLOTS
    messages or more are pending as the wait begins, so the consumer loses
-   nothing: it has those to read meanwhile.  (Consumers that keep messages in hand, recv_array's
-   arrays or a window of jobs, fill the ring with slots that are in use but
-   not pending; gated then, each send waited out GATE_NS while the consumer
-   waited for it: 23 k msg/s instead of 150 k, found in review.)  For
-   GATE_NS at most, never once asleep (every freed slot would wake the
-   producer to sleep again), nor in rings of fewer than 4 * GATE_SLOTS slots
-   (a quarter at most is held back).
+   nothing: it has those to read meanwhile.  (Consumers that keep messages
+   in hand, recv_array's arrays or a window of jobs, fill the ring with
+   slots that are in use but not pending; gated then, each send waited out
+   GATE_NS while the consumer waited for it: 23 k msg/s instead of 150 k,
+   found in review.)  For GATE_NS at most, never once asleep (every freed
+   slot would wake the producer to sleep again), nor in rings of fewer than
+   4 * GATE_SLOTS slots (a quarter at most is held back).
    Measured with the benchmark, 4 KiB messages one at a time, interleaved:
    1.46 against 1.12 M msg/s with the CPUs far apart (with the prefetch in
    fmap_chan_release), 1.56 against 1.48 M close. */
