@@ -347,7 +347,7 @@ cdef class Channel(Handle):
                                  f"cannot send on channel {describe(self.name)}: it was closed")
             raise EndOfStream(f"channel {describe(self.name)} was closed and every message "
                               "sent before has been received")
-        raise_err(&e, lambda: f"cannot use channel {describe(self.name)}")
+        raise_err(&e, f"cannot use channel {describe(self.name)}")
 
     cdef int _too_big(self, object n, str what) except -1:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,

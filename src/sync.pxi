@@ -117,7 +117,7 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
         finally:
             end_wait(h)
     if rc != FMAP_OK:
-        raise_err(&e, lambda: f"cannot wait for {what_of(h)}")
+        raise_err(&e, f"cannot wait for {what_of(h)}")
     if depth == 1 and h.otype == FMAP_T_MUTEX:
         (<Mutex>h).abandoned = ab
     return 1

@@ -63,7 +63,7 @@ cdef class Mutex(SyncHandle):
         if self.fd < 0:
             check_open(self)
         if fmap_mutex_release(self.page, &e) != FMAP_OK:
-            raise_err(&e, lambda: f"cannot release {what_of(self)}")
+            raise_err(&e, f"cannot release {what_of(self)}")
 
     def __enter__(self):
         take_one(self, -1, 0)
@@ -138,7 +138,7 @@ cdef class Semaphore(SyncHandle):
         if self.fd < 0:
             check_open(self)
         if fmap_sem_release(self.page, n, &prev, &e) != FMAP_OK:
-            raise_err(&e, lambda: f"cannot release {what_of(self)} by {count}")
+            raise_err(&e, f"cannot release {what_of(self)} by {count}")
         return prev
 
     def __enter__(self):
