@@ -353,6 +353,15 @@ static int make_hole(fmap_chanmap *m, uint64_t pos, uint64_t from, uint64_t to)
     return 0;
 }
 
+/* Slot pos, whose word w names a claimer now dead, made FREE for the next
+   lap: a message being written is dropped (a hole consumers pass), one
+   being read is gone with its reader.  0 when the word changed meanwhile. */
+static int free_dead(fmap_chanmap *m, uint64_t pos, uint64_t w)
+{
+    uint64_t to = WORD(W_POS(w) + m->capacity, 0, S_FREE);
+    return W_STATE(w) == S_WRITING ? make_hole(m, pos, w, to) : cas_word(m, pos, &w, to);
+}
+
 /* Move the tail from `cur` over the hole at its position (the swap fails
    if another consumer moved it first). */
 static void pass_hole(fmap_chanmap *m, uint64_t cur)
@@ -441,10 +450,8 @@ static void reap(fmap_chanmap *m, uint32_t i)
     for (uint64_t k = 0; k < end; k++) {
         uint64_t w = load_word(m, k);
         uint32_t st = W_STATE(w);
-        if (st == S_WRITING && W_OWNER(w) == i)
-            make_hole(m, k, w, WORD(W_POS(w) + m->capacity, 0, S_FREE));
-        else if (st == S_READING && W_OWNER(w) == i)
-            cas_word(m, k, &w, WORD(W_POS(w) + m->capacity, 0, S_FREE));
+        if ((st == S_WRITING || st == S_READING) && W_OWNER(w) == i)
+            free_dead(m, k, w);
     }
     uint32_t d = __atomic_exchange_n(&h->parts[i].sleeping[0], 0, __ATOMIC_SEQ_CST);
     uint32_t p = __atomic_exchange_n(&h->parts[i].sleeping[1], 0, __ATOMIC_SEQ_CST);
@@ -818,9 +825,7 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
         if (flags & CHECK_DEAD) {
             uint32_t st = W_STATE(w);
             if ((st == S_READING || st == S_WRITING) && part_dead(h, W_OWNER(w))) {
-                /* Its message dropped (WRITING), or its slot given back. */
-                if (st == S_WRITING ? make_hole(m, hd, w, WORD(hd, 0, S_FREE))
-                                    : cas_word(m, hd, &w, WORD(hd, 0, S_FREE)))
+                if (free_dead(m, hd, w))
                     fmap_chan_wake_consumers(m, INT_MAX);
                 continue;
             }
@@ -885,7 +890,7 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
         if (d == 0 && st == S_WRITING) {
             if ((flags & CHECK_DEAD) && part_dead(h, W_OWNER(w))) {
                 /* The producer died writing: its message is dropped. */
-                if (make_hole(m, tl, w, WORD(tl + m->capacity, 0, S_FREE)))
+                if (free_dead(m, tl, w))
                     fmap_chan_wake_producers(m, 1);
                 continue;
             }
@@ -1253,7 +1258,7 @@ static void cp_epoch(fmap_chanmap *m, uint64_t now)
         m->cp.tried_ns += took;
         if (++m->cp.count < CP_TRY_EPOCHS)
             break;
-        rate = m->cp.tried_ns ? m->cp.tried_bytes * 1000 / m->cp.tried_ns : UINT64_MAX;
+        rate = m->cp.tried_bytes * 1000 / m->cp.tried_ns;    /* each epoch took > 0 */
         if (rate > m->cp.avg + m->cp.avg / 20) {
             m->cp.avg = rate;           /* the other kind, 5% faster: keep it */
             m->cp.backoff = 0;
