@@ -382,11 +382,8 @@ cdef class Channel(Handle):
             dst = fmap_chan_payload(&cm.m, pos)
             if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                 gather(&cm.m, pos, dst, &view)
-            elif <size_t>n >= NOGIL_COPY:
-                with nogil:
-                    fmap_chan_copy_in(&cm.m, dst, src, n)
             else:
-                fmap_chan_copy_in(&cm.m, dst, src, n)
+                copy_in(cm, dst, src, n)
             fmap_chan_commit(&cm.m, pos, n, KIND_BYTES)
             fmap_chan_wake_consumers(&cm.m, 1)
         finally:
@@ -593,11 +590,7 @@ cdef class Channel(Handle):
             if arr.flags.c_contiguous:
                 PyObject_GetBuffer(arr, &view, PyBUF_ANY_CONTIGUOUS)
                 try:
-                    if nbytes >= NOGIL_COPY:
-                        with nogil:
-                            fmap_chan_copy_in(&cm.m, dst + meta, view.buf, nbytes)
-                    else:
-                        fmap_chan_copy_in(&cm.m, dst + meta, view.buf, nbytes)
+                    copy_in(cm, dst + meta, view.buf, nbytes)
                 finally:
                     PyBuffer_Release(&view)
             else:
@@ -744,6 +737,16 @@ cdef class Channel(Handle):
         return (f"<fmap.Channel {describe(self.name)} capacity={self.capacity} "
                 f"message_size={self.message_size} pending={pending}{ended} "
                 f"created={self.created} open>")
+
+
+cdef inline void copy_in(ChanMap cm, char *dst, const void *src, size_t n) noexcept:
+    """A message's bytes into its slot (fmap_chan_copy_in), without the GIL
+    when they are many."""
+    if n >= NOGIL_COPY:
+        with nogil:
+            fmap_chan_copy_in(&cm.m, dst, src, n)
+    else:
+        fmap_chan_copy_in(&cm.m, dst, src, n)
 
 
 cdef int gather(fmap_chanmap *m, uint64_t pos, char *dst, Py_buffer *view) except -1:
