@@ -409,14 +409,21 @@ CP_FIRST, CP_USE_EPOCHS, CP_TRY_EPOCHS, CP_BACKOFF_MAX = 3, 30, 2, 4
 COPY_SIZES = [1023, 1024, 1025, 1087, 4096, 4097, 9000, 65536 + 13]
 
 
+def into_trial(ch):
+    """Feed a fresh handle CP_FIRST epochs of 1 MB/ms: it begins a trial of
+    streaming stores.  The state it is left in."""
+    for _ in range(CP_FIRST):
+        state = fmap._fmap._channel_copy_choice(ch, epoch=(10 ** 6, 10 ** 6))
+    assert state == (True, "warm", 0, 0)
+    return state
+
+
 @pytest.mark.parametrize("kind", ["plain", "streaming", "choose"])
 def test_messages_copied_either_way_arrive_intact(closer, kind):
     ch = make(closer, capacity=16, message_size=70000)
     fmap._fmap._channel_copy_choice(ch, force=kind)
     if kind == "choose":                    # into a trial: streaming stores
-        for _ in range(CP_FIRST):
-            state = fmap._fmap._channel_copy_choice(ch, epoch=(10 ** 6, 10 ** 6))
-        assert state[0]
+        into_trial(ch)
     data = os.urandom(70000 + 64)
     for n in COPY_SIZES:
         for skew in (0, 1, 7, 63):          # source and slot lines not aligned alike
@@ -535,9 +542,7 @@ def test_copy_choice_ignores_epochs_of_no_time(closer):
 def test_a_forked_child_times_its_own_copies(closer):
     ch = make(closer, capacity=4, message_size=4096)
     choice = fmap._fmap._channel_copy_choice
-    for _ in range(CP_FIRST):
-        choice(ch, epoch=(10 ** 6, 10 ** 6))
-    assert choice(ch)[:2] == (True, "warm")
+    into_trial(ch)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -559,9 +564,7 @@ def test_copy_trial_waits_for_the_ring_to_turn_over(closer):
     # worth of messages ago: the trial's timing starts after that many.
     ch = make(closer, capacity=64, message_size=4096)
     choice = fmap._fmap._channel_copy_choice
-    for _ in range(CP_FIRST):
-        state = choice(ch, epoch=(10 ** 6, 10 ** 6))
-    assert state == (True, "warm", 0, 0)
+    into_trial(ch)
     for _ in range(64 // 16 - 1):          # the hook's epochs are of 16 messages
         assert choice(ch, epoch=(10 ** 6, 10 ** 6))[1] == "warm"
     assert choice(ch, epoch=(10 ** 6, 10 ** 6))[1] == "try"
