@@ -40,7 +40,7 @@ cdef fmap_reg *get_registry(what) except NULL:
     cdef fmap_reg *r = NULL
     cdef bytes bd = _os.fsencode(d)
     if fmap_reg_attach(bd, 1, &r, &e) != FMAP_OK:
-        raise_err(&e, what if isinstance(what, str) else what())
+        raise_err(&e, what)
     _reg = r
     _reg_dir = raw
     return r
