@@ -23,7 +23,8 @@ d. a 64 B request/response round trip between two processes: two fmap
    CPU, 40-50 µs on an idle other one, on this VM).  Where it places a pair
    depends on how busy the CPUs just were, so every round of d starts after
    0.1 s idle (SETTLE_S): without that, the row after a busy-polling one
-   paid for it.
+   paid for it.  Started from idle by the parent, fmap's sleeping pair stays
+   on one CPU and the Pipe's mostly does not (see SETTLE_S).
 
 Every message is verified by its consumer.  Message s (s counts from 0 in
 every round) carries s as a little-endian u64 in its first 8 bytes and
@@ -124,7 +125,13 @@ POLL_DEADLINE = 60.0        # a busy-polling iceoryx2 loop gives up after this
 # sleeping row behind the spinning one took 42-45 µs against the Pipe's 45;
 # with the Pipe moved behind it instead, the Pipe took 45-48 and fmap 34-37.
 # After 0.1 s idle, in either order, fmap's pair ran on one CPU in every
-# round (6.5-7.9 µs) and the Pipe's did not (39-47 µs).
+# round (6.5-7.9 µs) and the Pipe's did not (39-47 µs).  Why, in a probe of
+# its own that samples both processes' CPUs: the parent starts a round by
+# waking both ends, which puts them on one CPU; a futex wake-up then leaves
+# each where it was (same CPU in 96% of samples, 6-7 µs), a pipe's moves
+# them apart (same CPU in 18-26%, 27-39 µs).  A pair that starts apart (two
+# processes just forked) stays apart, and there the two are about equal
+# (fmap 36-38 µs, the Pipe 37-42): the pinned rows show both placements.
 SETTLE_S = 0.1
 SHM_DIR = "/dev/shm"
 IOX_DEFAULT_ROOT = "/tmp/iceoryx2"
