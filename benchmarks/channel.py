@@ -128,7 +128,7 @@ POLL_DEADLINE = 60.0        # a busy-polling iceoryx2 loop gives up after this
 # round (6.5-7.9 µs) and the Pipe's did not (39-47 µs).  Why, in a probe of
 # its own that samples both processes' CPUs: the parent starts a round by
 # waking both ends, which puts them on one CPU; a futex wake-up then leaves
-# each where it was (same CPU in 96% of samples, 6-7 µs), a pipe's moves
+# each where it was (same CPU in 92-96% of samples, 6-7 µs), a pipe's moves
 # them apart (same CPU in 18-26%, 27-39 µs).  A pair that starts apart (two
 # processes just forked) stays apart, and there the two are about equal
 # (fmap 36-38 µs, the Pipe 37-42): the pinned rows show both placements.
