@@ -20,11 +20,9 @@ d. a 64 B request/response round trip between two processes: two fmap
    sleeping fmap case and the Pipe run again pinned, both processes to one
    CPU and then to two: a sleeping round trip costs mostly what waking a
    process costs where the kernel places it (about 6-17 µs on the waker's
-   CPU, 40-50 µs on an idle other one, on this VM).  Where it places a pair
-   depends on how busy the CPUs just were, so every round of d starts after
-   0.1 s idle (SETTLE_S): without that, the row after a busy-polling one
-   paid for it.  Started from idle by the parent, fmap's sleeping pair stays
-   on one CPU and the Pipe's mostly does not (see SETTLE_S).
+   CPU, 40-50 µs on an idle other one, on this VM), and a pipe's wake-ups,
+   which tell the kernel the waker is about to sleep, place the two on one
+   CPU more often than a futex's when nothing is pinned.
 
 Every message is verified by its consumer.  Message s (s counts from 0 in
 every round) carries s as a little-endian u64 in its first 8 bytes and
@@ -119,20 +117,6 @@ START_TIMEOUT = 120.0       # a spawned worker must be ready within this
 ROUND_TIMEOUT = 120.0       # a round (warm-up or timed) must end within this
 WARMUPS = 2                 # untimed rounds: the first from warm_n, the second from its rate
 POLL_DEADLINE = 60.0        # a busy-polling iceoryx2 loop gives up after this
-# Idle time before each round of the round trip.  Without it, the row that
-# ran right after a busy-polling one started with both CPUs just busy, and
-# the kernel kept its sleeping pair on two CPUs: in 15-round runs, fmap's
-# sleeping row behind the spinning one took 42-45 µs against the Pipe's 45;
-# with the Pipe moved behind it instead, the Pipe took 45-48 and fmap 34-37.
-# After 0.1 s idle, in either order, fmap's pair ran on one CPU in every
-# round (6.5-7.9 µs) and the Pipe's did not (39-47 µs).  Why, in a probe of
-# its own that samples both processes' CPUs: the parent starts a round by
-# waking both ends, which puts them on one CPU; a futex wake-up then leaves
-# each where it was (same CPU in 92-96% of samples, 6-7 µs), a pipe's moves
-# them apart (same CPU in 18-26%, 27-39 µs).  A pair that starts apart (two
-# processes just forked) stays apart, and there the two are about equal
-# (fmap 36-38 µs, the Pipe 37-42): the pinned rows show both placements.
-SETTLE_S = 0.1
 SHM_DIR = "/dev/shm"
 IOX_DEFAULT_ROOT = "/tmp/iceoryx2"
 
@@ -1408,8 +1392,6 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
                 if failed:
                     pr.kill()
             try:
-                if sec.pingpong:
-                    time.sleep(SETTLE_S)
                 t = C.time_round(body, n[i], setup=setup, cleanup=cleanup)
             except KeyboardInterrupt:
                 raise
