@@ -1355,8 +1355,6 @@ def test_an_idle_wait_burns_no_cpu(closer):
     assert time.process_time() - t0 < 0.1
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
-                    reason="a busy pipeline needs its two processes on two CPUs")
 def _busy_pipeline_sleeps(ch, n):
     """(consumer, producer) voluntary context switches while n messages go
     through ch, the consumer stopping for 20 us every 1024."""
@@ -1385,6 +1383,8 @@ def _busy_pipeline_sleeps(ch, n):
     return consumer, producer
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="a busy pipeline needs its two processes on two CPUs")
 def test_a_busy_pipeline_does_not_sleep(closer):
     # A consumer that stops for a while every 1024 messages (as one checking
     # a batch does) and a producer waiting on it: the spin budget covers the
