@@ -450,7 +450,7 @@ cdef class Channel(Handle):
                         if have_view and not PyBuffer_IsContiguous(&view, b'C'):
                             gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
                         else:
-                            fmap_chan_copy_in(&cm.m, fmap_chan_payload(&cm.m, pos + i), src, n)
+                            copy_in(cm, fmap_chan_payload(&cm.m, pos + i), src, n)
                     finally:
                         if have_view:
                             PyBuffer_Release(&view)
