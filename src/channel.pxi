@@ -45,6 +45,16 @@ cdef class ChanMap:
         fmap_chan_unmap(&self.m)
 
 
+cdef object count_arg(object value, str what):
+    """An int argument (any index but a bool), or a TypeError that says so."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, not bool")
+    try:
+        return _operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
+
+
 cdef inline size_t array_meta_size(int ndim) noexcept:
     cdef size_t n = ARRAY_META + 8 * <size_t>ndim
     return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
@@ -81,6 +91,11 @@ cdef object dtype_of(bytes code):
     return dt
 
 
+# no_gc_clear: the collector must not drop cm ahead of __dealloc__ and
+# __releasebuffer__, which give the slot back through it (a Message in a
+# reference cycle, a frame kept by a traceback say, is cleared before it is
+# deallocated, and its last memoryview may be released after that).
+@cython.no_gc_clear
 cdef class Message:
     """A message slot lent out by Channel.reserve() (to write in place) or
     Channel.receive() / recv_array() (to read in place).
@@ -100,7 +115,14 @@ cdef class Message:
             raise make_error(ValueError, ERROR_INVALID_HANDLE,
                              f"the message of channel {describe(self.cm.name)} is no longer "
                              "in hand (its with block ended)")
+        if self.pid != fmap_getpid():
+            raise make_error(ValueError, ERROR_INVALID_HANDLE, self._not_ours())
         return 0
+
+    cdef str _not_ours(self):
+        return (f"the message of channel {describe(self.cm.name)} is process {self.pid}'s "
+                "(it was " + ("reserved" if self.writing else "received") + " before a fork); "
+                "only that process may use it or end it")
 
     cdef void _give_back(self) noexcept:
         # Received: the slot goes back to producers.  Only the claiming process
@@ -191,23 +213,31 @@ cdef class Message:
     def __exit__(self, exc_type, exc, tb):
         if self.addr == NULL:
             return False
+        if self.pid != fmap_getpid():
+            # A forked child's copy: the slot is the parent's to send or
+            # give back (committed twice, the ring would be broken).
+            self.addr = NULL
+            if exc_type is None:
+                raise make_error(ValueError, ERROR_INVALID_HANDLE, self._not_ours())
+            return False
         if self.writing:
-            if exc_type is not None:
-                self._discard()
-                return False
             if self.exports:
                 # Not sent, and its slot stays out of the producers' reach
                 # until the last buffer goes: a stale memoryview must never
                 # write into a later message.  Consumers skip it.
                 n = self.exports
-                if self.pid == fmap_getpid():
-                    fmap_chan_withhold(&self.cm.m, self.pos)
+                fmap_chan_withhold(&self.cm.m, self.pos)
                 self.writing = False
                 self.finishing = True
+                if exc_type is not None:
+                    return False
                 raise BufferError(
                     f"the reserved message was not sent: {n} buffer(s) taken from it "
                     "(a memoryview or array) are still alive, and could write into it "
                     "after it is sent; release them inside the with block")
+            if exc_type is not None:
+                self._discard()
+                return False
             fmap_chan_commit(&self.cm.m, self.pos, self.length_, self.kind)
             fmap_chan_wake_consumers(&self.cm.m, 1)
             self.addr = NULL
@@ -228,6 +258,10 @@ cdef class Message:
         state = "in hand" if self.addr != NULL and not self.finishing else "done"
         kind = "reserved" if self.writing else "received"
         return f"<fmap.Message {kind} {self.length_} bytes of channel {describe(self.cm.name)} {state}>"
+
+    def __reduce__(self):
+        raise TypeError("a Message cannot be pickled or copied: it is a slot lent to this "
+                        "process; send its bytes (tobytes()) instead")
 
 
 cdef Message new_message(ChanMap cm, uint64_t pos, size_t length, uint32_t kind, bint writing):
@@ -413,8 +447,10 @@ cdef class Channel(Handle):
     def send_many(self, messages, timeout=None):
         """Send every message of an iterable of bytes-like objects, claiming
         slots in batches; returns how many were sent.  timeout bounds each
-        wait for free slots; TimeoutError (with `sent`, the count that went)
-        when one passes."""
+        wait for free slots (TimeoutError when one passes).  An exception
+        raised once sending began (a timeout, a message too big or not
+        bytes-like, Ctrl-C, the end of the stream) carries `sent`: the
+        messages before it went, in order; none after it did."""
         cdef Py_buffer view
         cdef uint64_t pos
         cdef uint32_t got, i
@@ -424,47 +460,50 @@ cdef class Channel(Handle):
         cdef ChanMap cm = self._map()
         items = messages if type(messages) is list or type(messages) is tuple else list(messages)
         total = len(items)
-        while sent < total:
-            want = total - sent
-            try:
+        try:
+            while sent < total:
+                want = total - sent
                 got = self._claim(cm, True, BATCH if want > BATCH else want, timeout, &pos)
-            except TimeoutError as exc:
-                exc.sent = sent
-                raise
-            i = 0
-            try:
-                while i < got:
-                    item = items[sent + i]
-                    have_view = False
-                    if type(item) is bytes:
-                        src = PyBytes_AS_STRING(item)
-                        n = PyBytes_GET_SIZE(item)
-                    else:
-                        PyObject_GetBuffer(item, &view, PyBUF_FULL_RO)
-                        have_view = True
-                        src = <const char *>view.buf
-                        n = view.len
-                    try:
-                        if <uint64_t>n > self.message_size:
-                            self._too_big(n, f"message {sent + i}")
-                        if have_view and not PyBuffer_IsContiguous(&view, b'C'):
-                            gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
+                i = 0
+                try:
+                    while i < got:
+                        item = items[sent + i]
+                        have_view = False
+                        if type(item) is bytes:
+                            src = PyBytes_AS_STRING(item)
+                            n = PyBytes_GET_SIZE(item)
                         else:
-                            copy_in(cm, fmap_chan_payload(&cm.m, pos + i), src, n)
-                    finally:
-                        if have_view:
-                            PyBuffer_Release(&view)
-                    fmap_chan_set_length(&cm.m, pos + i, n, KIND_BYTES)
-                    i += 1
-            finally:
-                # The copied ones go out together; if an item failed, its
-                # slot and the rest go back.
-                fmap_chan_publish(&cm.m, pos, i)
-                sent += i
-                while i < got:
-                    fmap_chan_discard(&cm.m, pos + i)
-                    i += 1
-                fmap_chan_wake_consumers(&cm.m, got)
+                            PyObject_GetBuffer(item, &view, PyBUF_FULL_RO)
+                            have_view = True
+                            src = <const char *>view.buf
+                            n = view.len
+                        try:
+                            if <uint64_t>n > self.message_size:
+                                self._too_big(n, f"message {sent + i}")
+                            if have_view and not PyBuffer_IsContiguous(&view, b'C'):
+                                gather(&cm.m, pos + i, fmap_chan_payload(&cm.m, pos + i), &view)
+                            else:
+                                copy_in(cm, fmap_chan_payload(&cm.m, pos + i), src, n)
+                        finally:
+                            if have_view:
+                                PyBuffer_Release(&view)
+                        fmap_chan_set_length(&cm.m, pos + i, n, KIND_BYTES)
+                        i += 1
+                finally:
+                    # The copied ones go out together; if an item failed, its
+                    # slot and the rest go back.
+                    fmap_chan_publish(&cm.m, pos, i)
+                    sent += i
+                    while i < got:
+                        fmap_chan_discard(&cm.m, pos + i)
+                        i += 1
+                    fmap_chan_wake_consumers(&cm.m, got)
+        except BaseException as exc:
+            try:
+                exc.sent = sent
+            except AttributeError:      # an exception type without a __dict__
+                pass
+            raise
         return sent
 
     def recv_many(self, max_count=BATCH, timeout=None):
@@ -481,7 +520,7 @@ cdef class Channel(Handle):
         cdef fmap_err e
         cdef int rc
         cdef ChanMap cm = self._map()
-        count = _operator.index(max_count)
+        count = count_arg(max_count, "max_count")
         if count < 1:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"max_count must be at least 1, not {count}")
@@ -524,14 +563,14 @@ cdef class Channel(Handle):
         sends it when the block ends, discards it on an exception."""
         cdef uint64_t pos
         cdef ChanMap cm = self._map()
-        n = _operator.index(nbytes)
+        n = count_arg(nbytes, "nbytes")
         if n < 0:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"nbytes must be >= 0, not {n}")
         if n > int(self.message_size):
             self._too_big(n, "a message")
         self._claim(cm, True, 1, timeout, &pos)
-        return new_message(self.cm, pos, n, KIND_BYTES, True)
+        return new_message(cm, pos, n, KIND_BYTES, True)
 
     def receive(self, timeout=None):
         """The next message, in place: `with ch.receive() as buf:` reads it
@@ -545,7 +584,7 @@ cdef class Channel(Handle):
         n = fmap_chan_length(&cm.m, pos, &kind)
         if kind == KIND_ARRAY:
             skip = array_data_offset(fmap_chan_payload(&cm.m, pos), n)
-        msg = new_message(self.cm, pos, n, kind, False)
+        msg = new_message(cm, pos, n, kind, False)
         msg.addr += skip
         msg.length_ -= skip
         return msg
@@ -605,8 +644,10 @@ cdef class Channel(Handle):
     def recv_array(self, timeout=None):
         """The next message as a NumPy array that views it in place (no copy;
         writable, it is this consumer's).  Its slot goes back to the
-        producers when the array and every view of it are gone.  A message
-        sent as bytes comes as a uint8 array."""
+        producers when the array and every view of it are gone; the ring is
+        in order, so until then producers that come round to that slot,
+        `capacity` messages later, wait for it.  A message sent as bytes
+        comes as a uint8 array."""
         cdef uint64_t pos
         cdef uint32_t kind, ndim, codelen
         cdef size_t n, meta
@@ -617,7 +658,7 @@ cdef class Channel(Handle):
         self._claim(cm, False, 1, timeout, &pos)
         src = fmap_chan_payload(&cm.m, pos)
         n = fmap_chan_length(&cm.m, pos, &kind)
-        msg = new_message(self.cm, pos, n, kind, False)
+        msg = new_message(cm, pos, n, kind, False)
         msg.writable = True         # the consumer's own: a writable array
         try:
             np = numpy()
@@ -687,7 +728,11 @@ cdef class Channel(Handle):
         return bool(fmap_chan_ended(&cm.m))
 
     def __len__(self):
-        """Messages sent and not yet taken (a snapshot)."""
+        """Slots producers have claimed and consumers have not yet passed (a
+        snapshot): the messages waiting, and also any being written (an open
+        reserve(), a send under way) and those given back unsent behind
+        them.  So at most what receivers could take now; drain with
+        recv(timeout=0) or recv_many, not by counting."""
         cdef ChanMap cm = self._map()
         return <Py_ssize_t>fmap_chan_pending(&cm.m)
 
@@ -703,7 +748,7 @@ cdef class Channel(Handle):
 
     def stats(self):
         """A snapshot of the shared state, for diagnostics: a dict of sent
-        (messages claimed by producers), taken (by consumers), pending,
+        (slots claimed by producers), taken (by consumers), pending (len()),
         ended, processes (attached: those that created or opened it, and
         forked children from their first send or receive on it), and
         sleeping producers and consumers."""

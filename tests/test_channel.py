@@ -619,11 +619,13 @@ def test_recv_many_bad_counts(closer, count):
         assert ch.recv(timeout=0) == b"x"
 
 
-@pytest.mark.parametrize("count", [1.5, "2", None])
+@pytest.mark.parametrize("count", [1.5, "2", None, True])
 def test_recv_many_count_types(closer, count):
     ch = make(closer)
-    with pytest.raises(TypeError):
+    ch.send(b"x")
+    with pytest.raises(TypeError, match="max_count must be an int"):
         ch.recv_many(max_count=count, timeout=0)
+    assert len(ch) == 1
 
 
 def test_recv_many_bounds_its_bytes(closer):
@@ -659,13 +661,24 @@ def test_send_many_stops_at_a_bad_item(closer, bad):
         ch.send_many([b"a", b"b", bad, b"d", b"e"])
     if isinstance(info.value, ValueError):
         assert info.value.winerror == ERROR_INVALID_PARAMETER
-    # the ones before went, the bad one and the rest did not
+    # the ones before went, the bad one and the rest did not; the error says so
+    assert info.value.sent == 2
     assert ch.recv_many(timeout=0) == [b"a", b"b"]
     with raises(TimeoutError):
         ch.recv(timeout=0)
     # the slots given back are usable: the ring goes on
     assert ch.send_many([b"f"] * 16, timeout=0) == 16
     assert ch.recv_many(timeout=0) == [b"f"] * 16
+
+
+def test_send_many_counts_what_went_before_a_bad_item_in_a_later_batch(closer):
+    ch = make(closer, capacity=128, message_size=8)
+    items = [b"%d" % i for i in range(100)]
+    items[70] = b"too long!"
+    with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="message 70") as info:
+        ch.send_many(items)
+    assert info.value.sent == 70
+    assert ch.recv_many(200, timeout=0) == items[:70]
 
 
 # ---- reserve: writing in place --------------------------------------------------
@@ -801,6 +814,29 @@ def test_reserve_live_buffer_never_writes_into_a_later_message(closer):
     mv.release()
 
 
+def test_reserve_live_buffer_never_writes_into_a_later_message_after_an_exception(closer):
+    # The block raised with a buffer alive: not sent, and the slot held as
+    # when it ends normally (not discarded, which let the stale view write
+    # into the next message).  The block's exception is the one raised.
+    ch = make(closer, capacity=1, message_size=8)
+    with pytest.raises(KeyError):
+        with ch.reserve(8) as buf:
+            mv = memoryview(buf)
+            arr = buf.asarray()
+            raise KeyError
+    assert not buf.in_hand
+    with raises(TimeoutError):
+        ch.send(b"AAAAAAAA", timeout=0)     # the only slot is held while they live
+    mv[:] = b"ZZZZZZZZ"
+    mv.release()
+    with raises(TimeoutError):
+        ch.send(b"AAAAAAAA", timeout=0)
+    arr[:] = ord("Y")
+    del arr
+    ch.send(b"AAAAAAAA", timeout=0)
+    assert ch.recv(timeout=0) == b"AAAAAAAA"
+
+
 def test_reserve_argument_errors(closer):
     ch = make(closer, message_size=16)
     with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
@@ -809,8 +845,8 @@ def test_reserve_argument_errors(closer):
         ch.reserve(17)
     with raises(ValueError, winerror=ERROR_INVALID_PARAMETER):
         ch.reserve(1 << 70)
-    for bad in (1.5, "4", None):
-        with pytest.raises(TypeError):
+    for bad in (1.5, "4", None, True):
+        with pytest.raises(TypeError, match="nbytes must be an int"):
             ch.reserve(bad)
     assert len(ch) == 0
     with ch.reserve(np.int32(16)) as buf:
@@ -857,6 +893,22 @@ def test_message_misuse_after_its_block(closer):
     assert ch.recv(timeout=0) == b"efgh"                   # committed only once
     with raises(TimeoutError):
         ch.recv(timeout=0)
+
+
+def test_a_message_cannot_be_pickled_or_copied(closer):
+    # A copy would carry the slot's address into memory of its own (or fail
+    # obscurely), and write there or give back what it does not hold.
+    import copy
+    ch = make(closer, message_size=16)
+    ch.send(b"in hand")
+    for msg in (ch.reserve(4), ch.receive(timeout=0)):
+        for how in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be pickled or copied"):
+                how(msg)
+        assert msg.in_hand
+        with msg:
+            pass
+    assert ch.recv(timeout=0) == bytes(4)
 
 
 # ---- receive: reading in place ---------------------------------------------------
@@ -939,6 +991,49 @@ def test_receive_dropped_without_with(closer):
     gc.collect()
     ch.send(b"y", timeout=0)
     assert ch.recv(timeout=0) == b"y"
+
+
+@pytest.mark.parametrize("how", ["traceback", "received", "reserved", "at exit"])
+def test_a_message_in_a_reference_cycle_survives_the_collector(how):
+    # The collector clears what a garbage cycle holds before deallocating
+    # it; a Message's hold on its channel must survive that, since its
+    # dealloc and its last buffer's release give the slot back through it
+    # (a segfault, once).  In a child, so that a crash fails this test only.
+    from children import run_python
+    code = f"""
+import gc, fmap
+ch = fmap.Channel.create(capacity=1, message_size=16)
+ch.spin = 0
+how = {how!r}
+if how == "traceback":          # a caught exception: frame <-> traceback
+    def consume():
+        with ch.receive(timeout=1) as m:
+            view = memoryview(m)[:4]
+        try:
+            int("x" + bytes(view).decode())
+        except ValueError as exc:
+            err = exc
+    ch.send(b"abcdefgh")
+    consume()
+else:                           # a message and a view of it in a cycle
+    if how == "reserved":
+        m = ch.reserve(8)
+        cycle = [m, memoryview(m)]
+    else:
+        ch.send(b"12345678")
+        m = ch.receive(timeout=1)
+        cycle = [m, memoryview(m)[:4]]
+    cycle.append(cycle)
+    del m, cycle
+if how == "at exit":
+    raise SystemExit             # collected at interpreter exit
+gc.collect()
+ch.send(b"next", timeout=1)      # the slot went back
+print(ch.recv(timeout=1))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.strip() == (b"" if how == "at exit" else b"b'next'")
 
 
 # ---- arrays -------------------------------------------------------------------
@@ -1245,6 +1340,53 @@ def test_close_own_handle_while_a_thread_waits(closer):
     with pytest.raises((fmap.EndOfStream, ValueError)):
         bg.result()
     assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("call", ["receive", "recv_array", "reserve"])
+@pytest.mark.parametrize("end", ["close", "detach"])
+def test_a_claim_that_wakes_after_its_handle_closed(call, end):
+    # The waiting thread's claim succeeds, but before it has the GIL back
+    # the main thread closes the handle: the Message must come from the
+    # mapping the call holds, not from the handle (a segfault, once).  In a
+    # child, so that a crash fails this test only.
+    from children import run_python
+    code = f"""
+import threading, time, fmap
+ch = fmap.Channel.create(capacity=1, message_size=16)
+ch.spin = 0
+out = []
+def wait():
+    try:
+        out.append(ch.{call}(*((3,) if "{call}" == "reserve" else ()), timeout=10))
+    except BaseException as e:
+        out.append(e)
+if "{call}" == "reserve":
+    ch.send(b"full")
+t = threading.Thread(target=wait)
+t.start()
+time.sleep(0.3)             # asleep in the futex by now
+if "{call}" == "reserve":
+    ch.recv()               # frees the slot; this thread keeps the GIL...
+else:
+    ch.send(b"abc")         # wakes the waiter; this thread keeps the GIL...
+ch.{end}()                  # ...and closes the handle first
+t.join(10)
+r = out[0]
+if "{call}" == "reserve":
+    if isinstance(r, BrokenPipeError):
+        print("closed")
+    else:
+        with r:
+            r[:] = b"new"
+        print("reserved")
+else:
+    print(bytes(r if "{call}" == "recv_array" else r.tobytes()))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr.decode()
+    want = {"receive": b"b'abc'", "recv_array": b"b'abc'",
+            "reserve": b"closed" if end == "close" else b"reserved"}[call]
+    assert done.stdout.strip() == want
 
 
 def test_message_reserved_before_close_is_delivered(closer, name):
@@ -1588,3 +1730,32 @@ def test_messages_in_hand_across_fork(closer):
     with r:
         pass
     assert ch.recv(timeout=0) == b"mine"
+
+
+def test_a_forked_child_cannot_use_or_send_the_parents_reservation(closer):
+    # fork() inside `with ch.reserve()`: the child leaving the block must not
+    # commit the parent's slot (twice committed, the ring jammed for all).
+    ch = make(closer, capacity=1, message_size=16)
+    with ch.reserve(5) as buf:
+        buf[:] = b"hello"
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                try:
+                    buf[:] = b"child"
+                except ValueError as e:
+                    code += "before a fork" in str(e)
+                try:
+                    buf.__exit__(None, None, None)
+                except ValueError:
+                    code += 1
+            finally:
+                os._exit(code)
+        assert wait_pid(pid, 30) == 3
+        with raises(TimeoutError):
+            ch.recv(timeout=0)               # not sent by the child
+    assert ch.recv(timeout=0) == b"hello"    # sent once, by the parent
+    for i in range(3):                       # and the ring goes on
+        ch.send(b"%d" % i, timeout=0)
+        assert ch.recv(timeout=0) == b"%d" % i
