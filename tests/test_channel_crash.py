@@ -283,6 +283,136 @@ def test_consumer_killed_holding_a_message(name, forks, how, capacity):
     assert_nothing_left(ch, name)
 
 
+# ---- 2b. callers that only poll free a dead claimer's slot too ---------------------
+
+@pytest.mark.parametrize("timeout", [0, 0.005])
+@pytest.mark.parametrize("dead", ["producer", "consumer"])
+def test_polling_callers_free_a_dead_claimers_slot(name, forks, dead, timeout):
+    # A dead claimer is looked for once a handle's claims have found nothing
+    # for 10 ms, across calls: a caller polling with timeouts shorter than
+    # that (try-send, try-recv) never waited that long in any one call and
+    # never freed the slot, so messages behind it (or room) never came.
+    ch = fmap.Channel.create(name, 2, message_size=64)
+    if dead == "consumer":
+        ch.send(b"held")
+        ch.send(b"behind")
+
+    def claimer(out):
+        c = fmap.Channel.open(name)
+        if dead == "producer":
+            buf = c.reserve(8, timeout=WAIT)
+        else:
+            buf = c.receive(timeout=WAIT)
+        buf.__enter__()
+        say(out, "claimed")
+        time.sleep(HOLD)
+
+    child = forks(claimer)
+    child.expect("claimed")
+    if dead == "producer":
+        ch.send(b"behind", timeout=WAIT)
+    child.killed()
+    deadline = time.monotonic() + STALL
+    while True:
+        try:
+            if dead == "producer":
+                assert ch.recv(timeout=timeout) == b"behind"
+            else:
+                ch.send(b"room", timeout=timeout)
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"polling never freed the dead {dead}'s slot"
+    if dead == "consumer":
+        assert drain(ch) == [b"behind", b"room"]
+    assert_nothing_left(ch, name)
+
+
+def test_polling_consumers_reach_the_end_past_a_dead_producers_slot(name, forks):
+    ch = fmap.Channel.create(name, 4, message_size=64)
+
+    def claimer(out):
+        c = fmap.Channel.open(name)
+        buf = c.reserve(8, timeout=WAIT)
+        buf.__enter__()
+        say(out, "claimed")
+        time.sleep(HOLD)
+
+    child = forks(claimer)
+    child.expect("claimed")
+    child.killed()
+
+    def closer(out):
+        c = fmap.Channel.open(name)
+        c.send(b"last")
+        c.close()                       # the end of the stream, behind the dead slot
+        say(out, "closed")
+
+    ender = forks(closer)
+    ender.expect("closed")
+    assert ender.wait() == 0
+    got, deadline = [], time.monotonic() + STALL
+    while True:
+        try:
+            got.append(ch.recv(timeout=0.005))
+        except fmap.EndOfStream:
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"no end of the stream; got {got}"
+    assert got == [b"last"]
+    assert_nothing_left(ch, name)
+
+
+def test_a_dead_claimer_with_our_pid_is_dead(tmp_path):
+    # A process killed holding a slot, and its pid given to a later process:
+    # our own pid on a record is us only if the start time is ours too; the
+    # later process must free the slot (it may be the only consumer).  In a
+    # pid namespace of its own, where ns_last_pid hands the pid out again.
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a pid namespace")
+    script = tmp_path / "reuse.py"
+    script.write_text("""
+import os, signal, time, fmap
+ch = fmap.Channel.create(None, capacity=2, message_size=64)
+r, w = os.pipe()
+dead = os.fork()
+if dead == 0:
+    m = ch.reserve(8); m.__enter__(); os.write(w, b"x"); time.sleep(60); os._exit(0)
+os.read(r, 1)
+os.kill(dead, signal.SIGKILL); os.waitpid(dead, 0)
+ch.send(b"behind the dead one")
+time.sleep(0.05)                # a start time of its own (/proc counts in 10 ms ticks)
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(dead - 1))
+pid = os.fork()
+if pid == 0:
+    code = 3 if os.getpid() != dead else 2
+    try:
+        if ch.recv(timeout=5) == b"behind the dead one":
+            code = 0
+    finally:
+        os._exit(code)
+_, st = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(st))
+""")
+    try:
+        done = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, str(script)],
+                              capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pid namespace run did not finish in 60 s")
+    if done.returncode != 0 and b"unshare" in done.stderr:
+        pytest.skip(f"no pid namespace here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()
+    # 0: the pid came back and the slot was freed; 3: the pid did not come
+    # back (the test could not run); 1: TimeoutError, the slot held for ever.
+    out = done.stdout.decode().strip()
+    if out == "3":
+        pytest.skip("the pid was not handed out again")
+    assert out == "0", f"the process with the dead one's pid: exit {out}"
+
+
 # ---- 3. a consumer killed asleep in recv() -----------------------------------------
 
 def test_consumer_killed_asleep_in_recv(name, forks):

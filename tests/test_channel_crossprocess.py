@@ -70,8 +70,10 @@ def _numbered(rng, producer, seq, how, message_size):
     return HEADER.pack(producer, seq, zlib.crc32(payload), how) + payload
 
 
-def _produce(ch, producer, count, message_size, seed, copy=None):
+def _produce(ch, producer, count, message_size, seed, copy=None, start=None):
     rng = random.Random(seed)
+    if start is not None:
+        start.wait(JOIN)
     if copy is not None:
         fmap._fmap._channel_copy_choice(ch, force=copy)
     seq = 0
@@ -147,8 +149,10 @@ class Tally:
         self.got.append((producer, seq))
 
 
-def _consume(ch, out_path, seed):
+def _consume(ch, out_path, seed, start=None):
     rng = random.Random(seed)
+    if start is not None:
+        start.wait(JOIN)
     tally = Tally()
     end = None
     try:
@@ -215,9 +219,12 @@ def check_pipeline(tmp_path, name, producers, consumers, method, named, total, m
     per = total // producers
     ch = channel_for(named, name, capacity, message_size)
     outs = [tmp_path / f"consumer{i}" for i in range(consumers)]
-    cons = [ctx.Process(target=_consume, args=(ch, str(out), 100 + i))
+    # All start together: spawned one by one, a late consumer could find
+    # the stream over, and the check that every one took part would fail.
+    start = ctx.Barrier(producers + consumers)
+    cons = [ctx.Process(target=_consume, args=(ch, str(out), 100 + i, start))
             for i, out in enumerate(outs)]
-    prods = [ctx.Process(target=_produce, args=(ch, p, per, message_size, p, copy))
+    prods = [ctx.Process(target=_produce, args=(ch, p, per, message_size, p, copy, start))
              for p in range(producers)]
     try:
         start_all(cons + prods)
@@ -245,6 +252,63 @@ def check_pipeline(tmp_path, name, producers, consumers, method, named, total, m
     assert empties == producers * len(range(0, per, EMPTY_EVERY))
     if consumers > 1:                 # a sanity check that both really took part
         assert all(len(r[0]) > 0 for r in results)
+
+
+# ---- a wake is passed on ---------------------------------------------------------
+
+def test_a_wake_for_a_message_is_passed_on():
+    # Each publish wakes one sleeper.  Published out of order (p+1, then p),
+    # the wake for p+1 goes to a consumer that finds p still being written
+    # and sleeps again; the one woken for p must pass a wake on for p+1, or
+    # the other consumer sleeps with a message there until its 10 ms dead
+    # check.  A liveness check, not a timing one: passed on, the wake takes
+    # a fraction of a millisecond; lost, 0-10 ms, 5 on average.
+    ch = fmap.Channel.create(None, 4, message_size=16)
+    r, w = os.pipe()
+    kids = []
+    try:
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    ch.spin = 0
+                    while True:
+                        try:
+                            ch.recv(timeout=T)
+                        except fmap.EndOfStream:
+                            code = 0
+                            break
+                        os.write(w, struct.pack("d", time.monotonic()))
+                        time.sleep(0.1)     # busy with it: this one takes no more
+                finally:
+                    os._exit(code)
+            kids.append(pid)
+        late = []
+        for _ in range(9):
+            assert poll(lambda: ch.stats()["consumers_sleeping"] == 2, T)
+            first, second = ch.reserve(8), ch.reserve(8)
+            with second:
+                pass
+            time.sleep(0.002)               # its wake is taken: p is not there yet
+            assert poll(lambda: ch.stats()["consumers_sleeping"] == 2, T)
+            with first:
+                pass
+            committed = time.monotonic()
+            got = [struct.unpack("d", os.read(r, 8))[0] for _ in range(2)]
+            late.append(max(got) - committed)
+            time.sleep(0.12)                # both idle again
+        ch.close()
+        assert [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids] == [0, 0]
+        kids = []
+        late.sort()
+        assert late[len(late) // 2] < 0.002, [f"{x * 1e3:.2f} ms" for x in late]
+    finally:
+        for p in kids:
+            os.kill(p, signal.SIGKILL)
+            os.waitpid(p, 0)
+        os.close(r)
+        os.close(w)
 
 
 # ---- close() across processes ---------------------------------------------

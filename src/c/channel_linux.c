@@ -419,8 +419,12 @@ static int part_dead(struct fmap_chan *h, uint32_t i)
     int dead;
     if (pid == 0 || pid == REAPING)
         return 1;
+    /* Our pid: us (another handle), or a process that had it before us
+       and died holding the record (pids are reused, soon in a small pid
+       namespace); only its start time tells, and no other process can
+       free its slots for us if we are the only consumer (or producer). */
     if ((int)pid == fmap_getpid())
-        return 0;
+        return start && start != fmap_self_start();
     uint64_t now = fmap_proc_start((int)pid, &dead);
     if (dead)
         return 1;
@@ -954,18 +958,71 @@ static int gated(fmap_chanmap *m)
     return ((hd - tl) & C_POS_MASK) >= GATE_SLOTS;
 }
 
+/* Whether a claim on `side` that found nothing should look for a dead
+   claimer now: once this handle's claims there have found nothing for
+   DEAD_CHECK_NS, across calls, and at most that often.  Across calls: a
+   caller that polls (timeout 0, or shorter than DEAD_CHECK_NS) must free a
+   dead process's slot too, not only one long wait. */
+static int dead_check_due(fmap_chanmap *m, int side, uint64_t now)
+{
+    if (!m->stuck[side])
+        m->stuck[side] = now;
+    if (now - m->stuck[side] < DEAD_CHECK_NS || now - m->checked[side] < DEAD_CHECK_NS)
+        return 0;
+    m->checked[side] = now;
+    return 1;
+}
+
+/* When dead_check_due will next say yes (a sleep's timeout). */
+static uint64_t dead_check_at(fmap_chanmap *m, int side)
+{
+    uint64_t a = m->stuck[side] + DEAD_CHECK_NS, b = m->checked[side] + DEAD_CHECK_NS;
+    return a > b ? a : b;
+}
+
+/* A claim by a counted sleeper succeeded: wake one more sleeper of the
+   same side if the slot after it is claimable too.  Each publish or
+   release wakes one sleeper only, and a woken one may find its slot not
+   yet claimable (a run published out of order: p+1 before p) and sleep
+   again; whoever is woken for p must pass the wake for p+1 on, or a
+   sleeper waits out its dead check's timeout with a message there.  (A
+   claim that never counted itself a sleeper took no wake: a sleeper woken
+   for what it took finds the next slot, or nothing claimable, and passes
+   on in turn; on every claim, the read of the count cost 64-byte messages
+   10%.)  The count is read after the claim's locked instruction, as a
+   publisher reads it after its change. */
+static void pass_on(fmap_chanmap *m, int side, uint64_t next)
+{
+    struct fmap_chan *h = m->h;
+    uint32_t *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
+    if (!__atomic_load_n(sleepers, __ATOMIC_SEQ_CST))
+        return;
+    if (W_BARE(load_word(m, next)) != WORD(next, 0, claimable(side)))
+        return;
+    if (side == HEAD)
+        fmap_chan_wake_producers(m, 1);
+    else
+        fmap_chan_wake_consumers(m, 1);
+}
+
 /* Spin (up to the adaptive budget), then sleep on the futex, until claimed,
    closed or the deadline.  The caller has tried once already. */
-static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *sleepers,
-                      uint32_t *mine, uint32_t n, uint64_t spin_max, uint64_t deadline,
-                      uint64_t *pos, uint32_t *got)
+static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
+                      uint64_t deadline, uint64_t *pos, uint32_t *got)
 {
+    struct fmap_chan *h = m->h;
+    try_fn try = side == HEAD ? try_reserve : try_take;
+    uint32_t *seq = side == HEAD ? &h->space.seq : &h->data.seq;
+    uint32_t *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
+    uint32_t *mine = &h->parts[m->part].sleeping[side == HEAD];
     uint64_t start = fmap_clock_ns(), now = start;
     uint64_t budget = m->spin_cur < spin_max ? m->spin_cur : spin_max;
     int rc;
+    if (!m->stuck[side])
+        m->stuck[side] = start;
     if (budget) {
         uint64_t spin_end = start + budget, next_yield = start + YIELD_NS;
-        uint64_t gate_end = try == try_reserve && gated(m) ? start + GATE_NS : 0;
+        uint64_t gate_end = side == HEAD && gated(m) ? start + GATE_NS : 0;
         for (unsigned k = 1;; k++) {
             cpu_relax();
             rc = try(m, n, now < gate_end ? SPINNING : 0, pos, got);
@@ -986,36 +1043,59 @@ static int wait_claim(fmap_chanmap *m, try_fn try, uint32_t *seq, uint32_t *slee
             }
         }
     }
-    uint64_t next_check = start + DEAD_CHECK_NS;
     for (;;) {
-        __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
+        /* Counted in the channel's total before our record's, and out of
+           it after: killed in between, the total is one too high (a wasted
+           wake), never one too low (reap takes the record's count off the
+           total, and a low total lets publishers skip the wake a live
+           sleeper needs). */
         __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
         rc = try(m, n, 0, pos, got);
         if (rc == EMPTY) {
-            uint64_t until = deadline < next_check ? deadline : next_check;
-            int err = futex_wait_until(seq, v, until);
-            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+            uint64_t check = dead_check_at(m, side);
+            int err = futex_wait_until(seq, v, deadline < check ? deadline : check);
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
+            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
             now = fmap_clock_ns();
             if (err == EINTR) {
                 adapt(m, now - start, now, spin_max);
                 return FMAP_WAIT_INTR;
             }
-            int dead_check = now >= next_check;
-            if (dead_check)
-                next_check = now + DEAD_CHECK_NS;
-            rc = try(m, n, dead_check ? CHECK_DEAD : 0, pos, got);
+            rc = try(m, n, dead_check_due(m, side, now) ? CHECK_DEAD : 0, pos, got);
             if (rc == EMPTY && now < deadline)
                 continue;
         } else {
-            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
+            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
             now = fmap_clock_ns();
         }
+        if (rc == FMAP_OK)
+            pass_on(m, side, *pos + *got);
         adapt(m, now - start, now, spin_max);
         return rc == EMPTY ? FMAP_WAIT_TIMEOUT : rc;
     }
+}
+
+/* A claim on `side`: try once; if nothing, try again looking for a dead
+   claimer when one is due (deadline 0: no wait), or wait. */
+static inline int claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
+                        uint64_t deadline, uint64_t *pos, uint32_t *got)
+{
+    int rc = side == HEAD ? try_reserve(m, n, 0, pos, got) : try_take(m, n, 0, pos, got);
+    if (rc == EMPTY) {
+        if (deadline)
+            rc = wait_claim(m, side, n, spin_max, deadline, pos, got);
+        else if (dead_check_due(m, side, fmap_clock_ns()))
+            rc = side == HEAD ? try_reserve(m, n, CHECK_DEAD, pos, got)
+                              : try_take(m, n, CHECK_DEAD, pos, got);
+        if (rc == EMPTY)
+            return FMAP_WAIT_TIMEOUT;
+    }
+    if (rc == FMAP_OK && m->stuck[side])
+        m->stuck[side] = 0;
+    return rc;
 }
 
 int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t deadline,
@@ -1023,15 +1103,7 @@ int fmap_chan_reserve(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t d
 {
     if (ensure_joined(m, e) != FMAP_OK)
         return e->status;
-    int rc = try_reserve(m, n, 0, pos, got);
-    if (rc == EMPTY) {
-        if (!deadline)
-            return FMAP_WAIT_TIMEOUT;
-        rc = wait_claim(m, try_reserve, &m->h->space.seq, &m->h->space.sleepers,
-                        &m->h->parts[m->part].sleeping[1], n,
-                        spin_max, deadline, pos, got);
-    }
-    return rc;
+    return claim(m, HEAD, n, spin_max, deadline, pos, got);
 }
 
 /* Consumers ask, at every take, for the word and message start of the slot
@@ -1056,14 +1128,7 @@ int fmap_chan_take(fmap_chanmap *m, uint32_t n, uint64_t spin_max, uint64_t dead
 {
     if (ensure_joined(m, e) != FMAP_OK)
         return e->status;
-    int rc = try_take(m, n, 0, pos, got);
-    if (rc == EMPTY) {
-        if (!deadline)
-            return FMAP_WAIT_TIMEOUT;
-        rc = wait_claim(m, try_take, &m->h->data.seq, &m->h->data.sleepers,
-                        &m->h->parts[m->part].sleeping[0], n,
-                        spin_max, deadline, pos, got);
-    }
+    int rc = claim(m, TAIL, n, spin_max, deadline, pos, got);
     /* Not in a small ring: there the slot ahead is soon the producers'
        next, and a shared copy of it here costs their write a round trip. */
     if (rc == FMAP_OK && m->capacity >= 4 * TAKE_AHEAD)
