@@ -20,9 +20,12 @@ d. a 64 B request/response round trip between two processes: two fmap
    sleeping fmap case and the Pipe run again pinned, both processes to one
    CPU and then to two: a sleeping round trip costs mostly what waking a
    process costs where the kernel places it (about 6-17 µs on the waker's
-   CPU, 40-50 µs on an idle other one, on this VM), and a pipe's wake-ups,
-   which tell the kernel the waker is about to sleep, place the two on one
-   CPU more often than a futex's when nothing is pinned.
+   CPU, 40-50 µs on an idle other one, on this VM).  Unpinned, either pair
+   starts a round on one CPU (the parent's go wakes both ends there) and the
+   kernel moves one end away within tens of ms (now and then about 0.1 s),
+   whatever the transport; a round that follows a busy-polling row starts
+   apart.  Timed from the go, a row moved with the row before it; so every
+   round trip round starts with 0.2 s untimed (see Timing).
 
 Every message is verified by its consumer.  Message s (s counts from 0 in
 every round) carries s as a little-endian u64 in its first 8 bytes and
@@ -37,8 +40,9 @@ be; everything else message by message, in place where the receive path is
 in place.  A gap in the sequence counts as lost messages
 (the row then says LOSSY, with the count); a repeated or reordered message,
 a torn one (head and tail disagree) or a wrong body is an error.  In the
-round trip the server checks each request the same way and the client
-compares each echo with its request byte for byte.  The producer does the
+round trip the server checks each request's length, head and tail (a lost,
+repeated or torn request is an error) and the client compares each echo
+with its request byte for byte.  The producer does the
 same for every peer: 64 B messages are built before the round (not timed);
 larger ones are taken from a pool of prebuilt buffers whose first and last 8
 bytes are overwritten with the sequence number before sending; the in-place
@@ -46,15 +50,19 @@ paths (fmap reserve, iceoryx2 loan) write each message into the slot or
 sample with one struct pack.
 
 Timing: each case has its own producer and consumer processes, started once
-for the whole section; the parent times a round from telling both to go until
-both report done, n messages later.  Two untimed warm-up rounds set each
-case's n so that a round lasts about 0.25 s (0.08 s with --quick; times
---scale).  A row is the median over --rounds timed rounds (7; 3 with
---quick) of the time per message, shown as messages/s and GB/s (payload
-bytes, 10**9); the cases of a section run interleaved, round by round, as
-benchmarks/_common.py does.  Ratios are time per message against the
-section's first fmap row (lower is faster).  The figures need both processes
-on a CPU at once and move with the machine's load.
+for the whole section; in a, b and c the parent times a round from telling
+both to go until both report done, n messages later; in d the client times
+its n round trips itself, after 0.2 s of untimed lead-in requests that the
+server echoes uncounted, so that every row is timed in the placement it
+usually keeps, not in the one the go or the row before left it in.  Two
+untimed warm-up rounds set each case's n so that a round (its timed part)
+lasts about 0.25 s (0.08 s with --quick; times --scale).  A row is the
+median over --rounds timed rounds (7; 3 with --quick) of the time per
+message, shown as messages/s and GB/s (payload bytes, 10**9); the cases of a
+section run interleaved, round by round, as benchmarks/_common.py does.
+Ratios are time per message against the section's first fmap row (lower is
+faster).  The figures need both processes on a CPU at once and move with the
+machine's load.
 
 Sizes, as measurements on this machine advise: fmap capacity 256 for 64 B
 and 4 KiB, 4 for 1 MiB (--capacity and --big-capacity change them).  1 MiB
@@ -116,6 +124,8 @@ BLOCK = 1024                # 64 B copies are checked this many at a time
 START_TIMEOUT = 120.0       # a spawned worker must be ready within this
 ROUND_TIMEOUT = 120.0       # a round (warm-up or timed) must end within this
 WARMUPS = 2                 # untimed rounds: the first from warm_n, the second from its rate
+LEAD_S = 0.2                # a round trip's round starts with this long untimed (see _ask)
+LEAD_SEQ = (1 << 64) - 1    # the sequence number of a lead-in request
 POLL_DEADLINE = 60.0        # a busy-polling iceoryx2 loop gives up after this
 SHM_DIR = "/dev/shm"
 IOX_DEFAULT_ROOT = "/tmp/iceoryx2"
@@ -371,6 +381,7 @@ class End:
         self.sec = sec
         self.pay = Payload(sec)
         self.msgs = self.bl = self.pool = None
+        self.lead = self.pay.build(LEAD_SEQ) if sec.pingpong else None
 
     def prepare(self, n: int) -> None:
         pass
@@ -619,8 +630,7 @@ class MpPipe(Impl):
         def run(self, n):
             send = self.conn.send_bytes
             if self.sec.pingpong:
-                _ask(send, self.conn.recv_bytes, self.msgs)
-                return
+                return _ask(send, self.conn.recv_bytes, self.msgs, self.lead)
             for m in self.messages(n):
                 send(m)
 
@@ -656,16 +666,42 @@ class MpPipe(Impl):
             return left
 
 
-def _ask(send, recv, msgs) -> None:
-    """The round trip's client: send each request, compare the echo with it."""
+def _ask(send, recv, msgs, lead: bytes) -> int:
+    """The round trip's client: LEAD_S of lead-in requests (untimed), then
+    each of msgs; every echo compared with its request.  Returns the ns the
+    msgs took.
+
+    The lead-in keeps the start of a round out of the figure: the parent's
+    go wakes both ends onto one CPU, where a sleeping round trip costs a
+    seventh (fmap) to a third (Pipe) of what it costs once the kernel has
+    moved one end away (within tens of ms, now and then about 0.1 s,
+    whatever the transport), and a round that follows a busy-polling row
+    starts apart.  Timed from the start, a row's figure depended on the row
+    before it (see the module docstring); after the lead-in every row is
+    timed in the placement it usually keeps."""
+    clock = time.perf_counter_ns
+    end = clock() + int(LEAD_S * 1e9)
+    while clock() < end:
+        send(lead)
+        if recv() != lead:
+            raise Corrupt("lead-in: the echo differs from the request")
+    t0 = clock()
     for s, m in enumerate(msgs):
         send(m)
         if recv() != m:
             raise Corrupt(f"round trip {s}: the echo differs from the request")
+    return clock() - t0
+
+
+def _is_lead(h: int, t: int, s: int) -> bool:
+    """Whether a request of head h and tail t, where request s is due, is a
+    lead-in one: only before request 0."""
+    return s == 0 and h == LEAD_SEQ and t == LEAD_SEQ ^ MAGIC
 
 
 def _echo(recv, send, pay: Payload, n: int) -> None:
-    """The round trip's server: check each request, send it back."""
+    """The round trip's server: check each request, send it back.  Lead-in
+    requests (LEAD_SEQ) are echoed uncounted, only before request 0."""
     HT, one = pay.HT.unpack_from, pay.one
     s = 0
     while s < n:
@@ -674,6 +710,9 @@ def _echo(recv, send, pay: Payload, n: int) -> None:
             h, t = HT(m)
             if h == s and t == s ^ MAGIC:
                 s += 1
+                send(m)
+                continue
+            if _is_lead(h, t, s):
                 send(m)
                 continue
         raise Corrupt(f"request {s}: " + ("lost" if one(m, s) > s + 1 else "wrong"))
@@ -983,7 +1022,7 @@ class FmapPingPong(Impl):
             self.prepare_source(n)
 
         def run(self, n):
-            _ask(self.req.send, self.rsp.recv, self.msgs)
+            return _ask(self.req.send, self.rsp.recv, self.msgs, self.lead)
 
         def close(self):
             left = len(self.rsp)
@@ -1031,8 +1070,20 @@ class IoxPingPong(Iceoryx2):
             super().__init__(ends, sec, pub_on=0, sub_on=1)
 
         def run(self, n):
+            """_ask, inline (closures around loan and poll would cost it)."""
             loan, poll, L = self.pub.loan_slice_uninit, self.poll, self.pay.L
             mm, string_at = self.ctypes.memmove, self.ctypes.string_at
+            clock, lead = time.perf_counter_ns, self.lead
+            end = clock() + int(LEAD_S * 1e9)
+            while clock() < end:
+                smp = loan(L)
+                mm(smp.payload_ptr, lead, L)
+                smp.assume_init().send()
+                r = poll()
+                if r.header.number_of_elements != L or string_at(r.payload_ptr, L) != lead:
+                    raise Corrupt("lead-in: the echo differs from the request")
+                r.delete()
+            t0 = clock()
             for s, m in enumerate(self.msgs):
                 smp = loan(L)
                 mm(smp.payload_ptr, m, L)
@@ -1041,6 +1092,7 @@ class IoxPingPong(Iceoryx2):
                 if r.header.number_of_elements != L or string_at(r.payload_ptr, L) != m:
                     raise Corrupt(f"round trip {s}: the echo differs from the request")
                 r.delete()
+            return clock() - t0
 
     class Consumer(IoxEnd):
         def __init__(self, ends, sec):
@@ -1050,11 +1102,14 @@ class IoxPingPong(Iceoryx2):
             loan, poll, view, mm = self.pub.loan_slice_uninit, self.poll, self.view, \
                 self.ctypes.memmove
             HT, L = self.pay.HT.unpack_from, self.pay.L
-            for s in range(n):
+            s = 0
+            while s < n:
                 r = poll()
                 v = view(r)
                 h, t = HT(v)
-                if h != s or t != s ^ MAGIC:
+                if h == s and t == s ^ MAGIC:
+                    s += 1
+                elif not _is_lead(h, t, s):
                     raise Corrupt(f"request {s}: " + ("lost" if self.pay.one(v, s) > s + 1
                                                       else "wrong"))
                 del v
@@ -1176,10 +1231,10 @@ def _worker(role: str, impl_name: str, sec: Section, ends, ctrl, parent: int) ->
             elif cmd == "go":
                 gc.disable()
                 try:
-                    end.run(arg)
+                    took = end.run(arg)
                 finally:
                     gc.enable()
-                tell("done", end.pay.lost)
+                tell("done", (end.pay.lost, took))
                 end.pay.lost = 0
             elif cmd == "stop":
                 tell("stopped", end.close())
@@ -1269,12 +1324,14 @@ class Pair:
             self.send(role, ("prepare", n))
         self.gather("ready", deadline)
 
-    def go(self, n: int) -> int:
-        """One timed round: the consumer's lost-message count."""
+    def go(self, n: int):
+        """One round: the consumer's lost-message count, and the ns the
+        producer timed itself (a round trip's client; None for streams)."""
         deadline = time.monotonic() + ROUND_TIMEOUT
         self.send("consumer", ("go", n))
         self.send("producer", ("go", n))
-        return self.gather("done", deadline)["consumer"]
+        done = self.gather("done", deadline)
+        return done["consumer"][0], done["producer"][1]
 
     def stop(self) -> int:
         """Stop both; messages left over (there should be none)."""
@@ -1335,6 +1392,7 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
     order = PINGPONG_ORDER if sec.pingpong else STREAM_ORDER
     rows, pairs = [], []
     lost: Dict[int, int] = {}
+    took: Dict[int, Optional[int]] = {}
     if run.args.impls:
         words = [w.strip() for w in run.args.impls.split(",") if w.strip()]
         order = [name for name in order if any(w in name for w in words)]
@@ -1386,13 +1444,16 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
                 pr.prepare(count)
 
             def body(_, count, pr=pr, i=i):
-                lost[i] = lost.get(i, 0) + pr.go(count)
+                gone, took[i] = pr.go(count)
+                lost[i] = lost.get(i, 0) + gone
 
             def cleanup(_, failed, pr=pr):
                 if failed:
                     pr.kill()
             try:
                 t = C.time_round(body, n[i], setup=setup, cleanup=cleanup)
+                if sec.pingpong:        # the client's own time, after its lead-in
+                    t = took[i] / n[i] / 1000.0
             except KeyboardInterrupt:
                 raise
             except BaseException as e:   # noqa: BLE001 - report, do not crash the run

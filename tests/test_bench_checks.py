@@ -107,3 +107,46 @@ def test_array_bodies_are_compared(bench):
     a64.view(np.uint8)[1 << 19] ^= 1
     with pytest.raises(bench.Corrupt, match="body"):
         pay.body(a64, 64)
+
+
+def test_the_round_trip_server_echoes_lead_in_only_before_request_0(bench):
+    pay = bench.Payload(bench.SECTIONS["d"])
+    lead, msgs = pay.build(bench.LEAD_SEQ), pay.prebuilt(3)
+
+    def serve(incoming):
+        it, out = iter(incoming), []
+        bench._echo(lambda: next(it), out.append, pay, 3)
+        return out
+    assert serve([lead, lead] + msgs) == [lead, lead] + msgs
+    assert serve(msgs) == msgs
+    with pytest.raises(bench.Corrupt):                  # lead-in after a counted request
+        serve([msgs[0], lead] + msgs[1:])
+    # a lead-in request with its head or tail damaged (bodies are the
+    # client's to check, in the echo)
+    for at in (0, 63):
+        with pytest.raises(bench.Corrupt):
+            serve([flip(lead, at)] + msgs)
+
+
+def test_the_round_trip_client_times_only_after_its_lead_in(bench, monkeypatch):
+    pay = bench.Payload(bench.SECTIONS["d"])
+    lead, msgs = pay.build(bench.LEAD_SEQ), pay.prebuilt(5)
+    monkeypatch.setattr(bench, "LEAD_S", 0.02)
+    sent = []
+
+    def echo_with(bad):
+        def recv():
+            m = sent[-1]
+            return flip(m, 20) if bad(len(sent), m) else m
+        return recv
+    t0 = bench.time.perf_counter_ns()
+    took = bench._ask(sent.append, echo_with(lambda k, m: False), msgs, lead)
+    total = bench.time.perf_counter_ns() - t0
+    k = sent.index(msgs[0])
+    assert k > 0 and set(sent[:k]) == {lead} and sent[k:] == msgs
+    assert 0 < took < total - 0.02e9 / 2                # the lead-in is not in it
+    for bad in (lambda k, m: m == lead and k == 3,      # a wrong echo, in the lead-in
+                lambda k, m: m == msgs[2]):             # and in the timed part
+        sent.clear()
+        with pytest.raises(bench.Corrupt):
+            bench._ask(sent.append, echo_with(bad), msgs, lead)
