@@ -256,14 +256,17 @@ def check_pipeline(tmp_path, name, producers, consumers, method, named, total, m
 
 # ---- a wake is passed on ---------------------------------------------------------
 
-def test_a_wake_for_a_message_is_passed_on():
+@pytest.mark.parametrize("between", ["nothing", "a discarded slot", "a withheld slot"])
+def test_a_wake_for_a_message_is_passed_on(between):
     # Each publish wakes one sleeper.  Published out of order (p+1, then p),
     # the wake for p+1 goes to a consumer that finds p still being written
     # and sleeps again; the one woken for p must pass a wake on for p+1, or
     # the other consumer sleeps with a message there until its 10 ms dead
-    # check.  A liveness check, not a timing one: passed on, the wake takes
-    # a fraction of a millisecond; lost, 0-10 ms, 5 on average.
-    ch = fmap.Channel.create(None, 4, message_size=16)
+    # check.  Also when a slot given back unsent lies between the two (the
+    # tail skips it: the wake is for what lies past it).  A liveness check,
+    # not a timing one: passed on, the wake takes a fraction of a
+    # millisecond; lost, 0-10 ms, 5 on average.
+    ch = fmap.Channel.create(None, 8, message_size=16)
     r, w = os.pipe()
     kids = []
     try:
@@ -287,7 +290,18 @@ def test_a_wake_for_a_message_is_passed_on():
         late = []
         for _ in range(9):
             assert poll(lambda: ch.stats()["consumers_sleeping"] == 2, T)
-            first, second = ch.reserve(8), ch.reserve(8)
+            first = ch.reserve(8)
+            gap = ch.reserve(8) if between != "nothing" else None
+            second = ch.reserve(8)
+            if between == "a discarded slot":
+                with pytest.raises(KeyError):
+                    with gap:
+                        raise KeyError
+            elif between == "a withheld slot":
+                with pytest.raises(BufferError):
+                    with gap:
+                        view = memoryview(gap)
+                view.release()
             with second:
                 pass
             time.sleep(0.002)               # its wake is taken: p is not there yet

@@ -497,12 +497,17 @@ static int join(fmap_chanmap *m, fmap_err *e)
             uint32_t pid = __atomic_load_n(&h->parts[i].pid, __ATOMIC_SEQ_CST);
             if (pass == 0 ? pid != 0 : (pid == 0 || pid == REAPING || !part_dead(h, i)))
                 continue;
-            if (!__atomic_compare_exchange_n(&h->parts[i].pid, &pid, me, 0,
+            /* A dead process's record goes through REAPING: our pid beside
+               its start time would read as a dead predecessor of ours
+               (part_dead), to our own other handles too, until ours is in. */
+            if (!__atomic_compare_exchange_n(&h->parts[i].pid, &pid, pass ? REAPING : me, 0,
                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
                 continue;
             __atomic_store_n(&h->parts[i].start, start, __ATOMIC_SEQ_CST);
-            if (pass == 1)
+            if (pass == 1) {
                 reap(m, i);
+                __atomic_store_n(&h->parts[i].pid, me, __ATOMIC_SEQ_CST);
+            }
             m->part = i;
             m->pid = (int)me;
             return FMAP_OK;
@@ -973,32 +978,49 @@ static int dead_check_due(fmap_chanmap *m, int side, uint64_t now)
     return 1;
 }
 
-/* When dead_check_due will next say yes (a sleep's timeout). */
-static uint64_t dead_check_at(fmap_chanmap *m, int side)
+/* When dead_check_due will next say yes (a sleep's timeout).  Another
+   thread on this handle may have just claimed and cleared stuck: then
+   count from now (0 would make a timeout long past). */
+static uint64_t dead_check_at(fmap_chanmap *m, int side, uint64_t now)
 {
-    uint64_t a = m->stuck[side] + DEAD_CHECK_NS, b = m->checked[side] + DEAD_CHECK_NS;
+    uint64_t stuck = m->stuck[side];
+    uint64_t a = (stuck ? stuck : now) + DEAD_CHECK_NS, b = m->checked[side] + DEAD_CHECK_NS;
     return a > b ? a : b;
 }
 
 /* A claim by a counted sleeper succeeded: wake one more sleeper of the
-   same side if the slot after it is claimable too.  Each publish or
-   release wakes one sleeper only, and a woken one may find its slot not
-   yet claimable (a run published out of order: p+1 before p) and sleep
-   again; whoever is woken for p must pass the wake for p+1 on, or a
-   sleeper waits out its dead check's timeout with a message there.  (A
-   claim that never counted itself a sleeper took no wake: a sleeper woken
-   for what it took finds the next slot, or nothing claimable, and passes
-   on in turn; on every claim, the read of the count cost 64-byte messages
-   10%.)  The count is read after the claim's locked instruction, as a
-   publisher reads it after its change. */
-static void pass_on(fmap_chanmap *m, int side, uint64_t next)
+   same side if the slot at the side's cursor is claimable (or, for
+   consumers, a hole to pass on the way to one).  Each publish or release
+   wakes one sleeper only, and a woken one may find its slot not yet
+   claimable (a run published out of order: p+1 before p) and sleep again;
+   whoever is woken for p must pass the wake for p+1 on, or a sleeper waits
+   out its dead check's timeout with a message there.  The cursor, not the
+   slot after our claim: the tail may have moved past holes since, or a
+   claimer that never counted itself (a spinner, a poller: they pass
+   nothing on) may have taken that slot, and the one after it is still
+   owed a wake; so while the cursor moves under us, look again.  (A claim
+   that never counted itself took no wake and passes none on: on every
+   claim, the read of the count cost 64-byte messages 10%.)  The count is
+   read after the claim's locked instruction, as a publisher reads it after
+   its change. */
+#define PASS_ON_LOOKS 8u
+
+static void pass_on(fmap_chanmap *m, int side)
 {
     struct fmap_chan *h = m->h;
     uint32_t *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
     if (!__atomic_load_n(sleepers, __ATOMIC_SEQ_CST))
         return;
-    if (W_BARE(load_word(m, next)) != WORD(next, 0, claimable(side)))
-        return;
+    uint64_t cur = C_POS(load64(cursor_of(m, side)));
+    for (uint32_t k = 0; k < PASS_ON_LOOKS; k++) {
+        uint64_t w = load_word(m, cur);
+        if (W_BARE(w) == WORD(cur, 0, claimable(side)) || (side == TAIL && is_hole(w, cur)))
+            break;                      /* someone asleep can go on from here */
+        uint64_t now = C_POS(load64(cursor_of(m, side)));
+        if (now == cur)
+            return;                     /* not claimable: whoever makes it so wakes */
+        cur = now;
+    }
     if (side == HEAD)
         fmap_chan_wake_producers(m, 1);
     else
@@ -1045,16 +1067,19 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
     }
     for (;;) {
         /* Counted in the channel's total before our record's, and out of
-           it after: killed in between, the total is one too high (a wasted
-           wake), never one too low (reap takes the record's count off the
-           total, and a low total lets publishers skip the wake a live
-           sleeper needs). */
+           it after: killed in between, the total is one too high, never
+           one too low (reap takes the record's count off the total, and a
+           low total lets publishers skip the wake a live sleeper needs).
+           Too high is for good, nothing tells it from a live sleeper on
+           its way in: every publish (or release) on this side then makes
+           a futex_wake call that finds nobody, the cost of a kill within
+           these two instructions. */
         __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
         rc = try(m, n, 0, pos, got);
         if (rc == EMPTY) {
-            uint64_t check = dead_check_at(m, side);
+            uint64_t check = dead_check_at(m, side, now);
             int err = futex_wait_until(seq, v, deadline < check ? deadline : check);
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
             __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
@@ -1072,7 +1097,7 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
             now = fmap_clock_ns();
         }
         if (rc == FMAP_OK)
-            pass_on(m, side, *pos + *got);
+            pass_on(m, side);
         adapt(m, now - start, now, spin_max);
         return rc == EMPTY ? FMAP_WAIT_TIMEOUT : rc;
     }
