@@ -920,7 +920,20 @@ static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint3
     return EMPTY;
 }
 
-typedef int (*try_fn)(fmap_chanmap *, uint32_t, int, uint64_t *, uint32_t *);
+/* try_reserve (HEAD) or try_take (TAIL). */
+static inline int try_side(fmap_chanmap *m, int side, uint32_t n, int flags, uint64_t *pos,
+                           uint32_t *got)
+{
+    return side == HEAD ? try_reserve(m, n, flags, pos, got) : try_take(m, n, flags, pos, got);
+}
+
+/* A side's futex word and sleeper count: producers wait for space, consumers for data. */
+static void wait_words(fmap_chanmap *m, int side, uint32_t **seq, uint32_t **sleepers)
+{
+    struct fmap_chan *h = m->h;
+    *seq = side == HEAD ? &h->space.seq : &h->data.seq;
+    *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
+}
 
 /* The spin budget adapts to how long waits turn out to be.  A wait of w ns
    shorter than spin_max lets later ones spin for 2w (so a busy pipeline,
@@ -1007,8 +1020,8 @@ static uint64_t dead_check_at(fmap_chanmap *m, int side, uint64_t now)
 
 static void pass_on(fmap_chanmap *m, int side)
 {
-    struct fmap_chan *h = m->h;
-    uint32_t *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
+    uint32_t *seq, *sleepers;
+    wait_words(m, side, &seq, &sleepers);
     if (!__atomic_load_n(sleepers, __ATOMIC_SEQ_CST))
         return;
     uint64_t cur = C_POS(load64(cursor_of(m, side)));
@@ -1021,33 +1034,26 @@ static void pass_on(fmap_chanmap *m, int side)
             return;                     /* not claimable: whoever makes it so wakes */
         cur = now;
     }
-    if (side == HEAD)
-        fmap_chan_wake_producers(m, 1);
-    else
-        fmap_chan_wake_consumers(m, 1);
+    wake(m, seq, sleepers, 1);
 }
 
 /* Spin (up to the adaptive budget), then sleep on the futex, until claimed,
-   closed or the deadline.  The caller has tried once already. */
+   closed or the deadline.  The caller has tried already, at `start`. */
 static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
-                      uint64_t deadline, uint64_t *pos, uint32_t *got)
+                      uint64_t start, uint64_t deadline, uint64_t *pos, uint32_t *got)
 {
-    struct fmap_chan *h = m->h;
-    try_fn try = side == HEAD ? try_reserve : try_take;
-    uint32_t *seq = side == HEAD ? &h->space.seq : &h->data.seq;
-    uint32_t *sleepers = side == HEAD ? &h->space.sleepers : &h->data.sleepers;
-    uint32_t *mine = &h->parts[m->part].sleeping[side == HEAD];
-    uint64_t start = fmap_clock_ns(), now = start;
+    uint32_t *seq, *sleepers;
+    wait_words(m, side, &seq, &sleepers);
+    uint32_t *mine = &m->h->parts[m->part].sleeping[side == HEAD];
+    uint64_t now = start;
     uint64_t budget = m->spin_cur < spin_max ? m->spin_cur : spin_max;
     int rc;
-    if (!m->stuck[side])
-        m->stuck[side] = start;
     if (budget) {
         uint64_t spin_end = start + budget, next_yield = start + YIELD_NS;
         uint64_t gate_end = side == HEAD && gated(m) ? start + GATE_NS : 0;
         for (unsigned k = 1;; k++) {
             cpu_relax();
-            rc = try(m, n, now < gate_end ? SPINNING : 0, pos, got);
+            rc = try_side(m, side, n, now < gate_end ? SPINNING : 0, pos, got);
             if (rc != EMPTY) {
                 if (k >= 16)
                     now = fmap_clock_ns();
@@ -1077,7 +1083,7 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
         __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
-        rc = try(m, n, 0, pos, got);
+        rc = try_side(m, side, n, 0, pos, got);
         if (rc == EMPTY) {
             uint64_t check = dead_check_at(m, side, now);
             int err = futex_wait_until(seq, v, deadline < check ? deadline : check);
@@ -1088,7 +1094,7 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
                 adapt(m, now - start, now, spin_max);
                 return FMAP_WAIT_INTR;
             }
-            rc = try(m, n, dead_check_due(m, side, now) ? CHECK_DEAD : 0, pos, got);
+            rc = try_side(m, side, n, dead_check_due(m, side, now) ? CHECK_DEAD : 0, pos, got);
             if (rc == EMPTY && now < deadline)
                 continue;
         } else {
@@ -1104,17 +1110,17 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
 }
 
 /* A claim on `side`: try once; if nothing, try again looking for a dead
-   claimer when one is due (deadline 0: no wait), or wait. */
+   claimer when one is due, then wait (deadline 0: no wait). */
 static inline int claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
                         uint64_t deadline, uint64_t *pos, uint32_t *got)
 {
-    int rc = side == HEAD ? try_reserve(m, n, 0, pos, got) : try_take(m, n, 0, pos, got);
+    int rc = try_side(m, side, n, 0, pos, got);
     if (rc == EMPTY) {
-        if (deadline)
-            rc = wait_claim(m, side, n, spin_max, deadline, pos, got);
-        else if (dead_check_due(m, side, fmap_clock_ns()))
-            rc = side == HEAD ? try_reserve(m, n, CHECK_DEAD, pos, got)
-                              : try_take(m, n, CHECK_DEAD, pos, got);
+        uint64_t now = fmap_clock_ns();
+        if (dead_check_due(m, side, now))
+            rc = try_side(m, side, n, CHECK_DEAD, pos, got);
+        if (rc == EMPTY && deadline)
+            rc = wait_claim(m, side, n, spin_max, now, deadline, pos, got);
         if (rc == EMPTY)
             return FMAP_WAIT_TIMEOUT;
     }
