@@ -45,16 +45,6 @@ cdef class ChanMap:
         fmap_chan_unmap(&self.m)
 
 
-cdef object count_arg(object value, str what):
-    """An int argument (any index but a bool), or a TypeError that says so."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not bool")
-    try:
-        return _operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
-
-
 cdef inline size_t array_meta_size(int ndim) noexcept:
     cdef size_t n = ARRAY_META + 8 * <size_t>ndim
     return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
@@ -520,7 +510,7 @@ cdef class Channel(Handle):
         cdef fmap_err e
         cdef int rc
         cdef ChanMap cm = self._map()
-        count = count_arg(max_count, "max_count")
+        count = parse_count(max_count, "max_count")
         if count < 1:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"max_count must be at least 1, not {count}")
@@ -563,7 +553,7 @@ cdef class Channel(Handle):
         sends it when the block ends, discards it on an exception."""
         cdef uint64_t pos
         cdef ChanMap cm = self._map()
-        n = count_arg(nbytes, "nbytes")
+        n = parse_count(nbytes, "nbytes")
         if n < 0:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"nbytes must be >= 0, not {n}")

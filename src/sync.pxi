@@ -26,6 +26,17 @@ cdef str what_of(Handle h):
     return f"{_TYPE_NAMES[h.otype]} {describe(h.name)}"
 
 
+cpdef object parse_count(object value, str what):
+    """An int argument (any index but a bool), or a TypeError that says so.
+    The shim's counts (fmap.sync._count) are this one too."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, not bool")
+    try:
+        return _operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
+
+
 cdef int64_t parse_timeout(object timeout) except -2:
     """None or inf -> -1 (forever); seconds -> ns."""
     cdef double t

@@ -33,7 +33,6 @@ holding it, the next acquirer gets it, acquire() returns True and
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,13 +53,7 @@ def _bad(message: str, winerror: int = ERROR_INVALID_PARAMETER) -> ValueError:
     return exc
 
 
-def _count(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
+_count = _fmap.parse_count     # one check of int arguments, the core's
 
 
 def _name(name: Any, kind: str) -> bytes:
