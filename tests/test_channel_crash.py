@@ -285,6 +285,29 @@ def test_consumer_killed_holding_a_message(name, forks, how, capacity):
 
 # ---- 2b. callers that only poll free a dead claimer's slot too ---------------------
 
+def holder(name, how):
+    """A child's fn that opens channel `name`, claims a slot ("reserve" or
+    "receive"), says "claimed" and holds it until killed."""
+    def hold(out):
+        c = fmap.Channel.open(name)
+        buf = c.reserve(8, timeout=WAIT) if how == "reserve" else c.receive(timeout=WAIT)
+        buf.__enter__()
+        say(out, "claimed")
+        time.sleep(HOLD)
+    return hold
+
+
+def until_no_timeout(call, what):
+    """call() again while it raises TimeoutError, for STALL seconds at most;
+    what it returns."""
+    deadline = time.monotonic() + STALL
+    while True:
+        try:
+            return call()
+        except TimeoutError:
+            assert time.monotonic() < deadline, what
+
+
 @pytest.mark.parametrize("timeout", [0, 0.005])
 @pytest.mark.parametrize("dead", ["producer", "consumer"])
 def test_polling_callers_free_a_dead_claimers_slot(name, forks, dead, timeout):
@@ -297,31 +320,16 @@ def test_polling_callers_free_a_dead_claimers_slot(name, forks, dead, timeout):
         ch.send(b"held")
         ch.send(b"behind")
 
-    def claimer(out):
-        c = fmap.Channel.open(name)
-        if dead == "producer":
-            buf = c.reserve(8, timeout=WAIT)
-        else:
-            buf = c.receive(timeout=WAIT)
-        buf.__enter__()
-        say(out, "claimed")
-        time.sleep(HOLD)
-
-    child = forks(claimer)
+    child = forks(holder(name, "reserve" if dead == "producer" else "receive"))
     child.expect("claimed")
     if dead == "producer":
         ch.send(b"behind", timeout=WAIT)
     child.killed()
-    deadline = time.monotonic() + STALL
-    while True:
-        try:
-            if dead == "producer":
-                assert ch.recv(timeout=timeout) == b"behind"
-            else:
-                ch.send(b"room", timeout=timeout)
-            break
-        except TimeoutError:
-            assert time.monotonic() < deadline, f"polling never freed the dead {dead}'s slot"
+    what = f"polling never freed the dead {dead}'s slot"
+    if dead == "producer":
+        assert until_no_timeout(lambda: ch.recv(timeout=timeout), what) == b"behind"
+    else:
+        until_no_timeout(lambda: ch.send(b"room", timeout=timeout), what)
     if dead == "consumer":
         assert drain(ch) == [b"behind", b"room"]
     assert_nothing_left(ch, name)
@@ -330,14 +338,7 @@ def test_polling_callers_free_a_dead_claimers_slot(name, forks, dead, timeout):
 def test_polling_consumers_reach_the_end_past_a_dead_producers_slot(name, forks):
     ch = fmap.Channel.create(name, 4, message_size=64)
 
-    def claimer(out):
-        c = fmap.Channel.open(name)
-        buf = c.reserve(8, timeout=WAIT)
-        buf.__enter__()
-        say(out, "claimed")
-        time.sleep(HOLD)
-
-    child = forks(claimer)
+    child = forks(holder(name, "reserve"))
     child.expect("claimed")
     child.killed()
 
@@ -350,14 +351,11 @@ def test_polling_consumers_reach_the_end_past_a_dead_producers_slot(name, forks)
     ender = forks(closer)
     ender.expect("closed")
     assert ender.wait() == 0
-    got, deadline = [], time.monotonic() + STALL
-    while True:
-        try:
-            got.append(ch.recv(timeout=0.005))
-        except fmap.EndOfStream:
-            break
-        except TimeoutError:
-            assert time.monotonic() < deadline, f"no end of the stream; got {got}"
+    got = []
+    with pytest.raises(fmap.EndOfStream):
+        while True:
+            got.append(until_no_timeout(lambda: ch.recv(timeout=0.005),
+                                        f"no end of the stream; got {got}"))
     assert got == [b"last"]
     assert_nothing_left(ch, name)
 
@@ -410,7 +408,7 @@ print(os.waitstatus_to_exitcode(st))
         pytest.skip(f"no pid namespace here: {done.stderr.decode().strip()}")
     assert done.returncode == 0, done.stderr.decode()
     # 0: the pid came back and the slot was freed; 3: the pid did not come
-    # back (the test could not run); 1: TimeoutError, the slot held for ever.
+    # back (the test could not run); 2: no message, the slot held for ever.
     out = done.stdout.decode().strip()
     if out == "3":
         pytest.skip("the pid was not handed out again")
