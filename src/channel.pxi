@@ -139,9 +139,19 @@ cdef class Message:
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *buf):
+        self._unexport()
+
+    cdef void _unexport(self) noexcept:
         self.exports -= 1
         if self.exports == 0 and self.finishing:
             self._give_back()
+
+    cdef object _lend(self):
+        # The base for a NumPy array over the message: see _Lent.
+        cdef _Lent lent = _Lent.__new__(_Lent)
+        lent.msg = self
+        self.exports += 1
+        return lent
 
     def __len__(self):
         return self.length_
@@ -182,7 +192,7 @@ cdef class Message:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot view a message as dtype {dt}")
         if shape is None:
-            return np.frombuffer(self, dtype=dt, count=self.length_ // dt.itemsize)
+            return np.ndarray((self.length_ // dt.itemsize,), dt, self._lend())
         shape = tuple(shape) if not isinstance(shape, int) else (shape,)
         count = 1
         for s in shape:
@@ -194,7 +204,7 @@ cdef class Message:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"an array of shape {shape} and dtype {dt} needs "
                              f"{count * dt.itemsize} bytes; the message has {self.length_}")
-        return np.frombuffer(self, dtype=dt, count=count).reshape(shape)
+        return np.ndarray(shape, dt, self._lend())
 
     def __enter__(self):
         self._check()
@@ -246,7 +256,7 @@ cdef class Message:
 
     def __repr__(self):
         state = "in hand" if self.addr != NULL and not self.finishing else "done"
-        kind = "reserved" if self.writing else "received"
+        kind = "reserved" if self.reserved else "received"
         return f"<fmap.Message {kind} {self.length_} bytes of channel {describe(self.cm.name)} {state}>"
 
     def __reduce__(self):
@@ -264,7 +274,30 @@ cdef Message new_message(ChanMap cm, uint64_t pos, size_t length, uint32_t kind,
     msg.pid = fmap_getpid()
     msg.writing = writing
     msg.writable = writing
+    msg.reserved = writing
     return msg
+
+
+# The base of every NumPy array over a message, holding one of the message's
+# buffer exports for as long as it lives (np.ndarray(buffer=) keeps the
+# object, not an export).  np.frombuffer's base would be a memoryview, and its
+# release() (a.base.release()) would give the slot back under the live array:
+# a later message written into it, or a segfault once the channel is detached.
+@cython.no_gc_clear
+@cython.final
+cdef class _Lent:
+    cdef Message msg
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        PyBuffer_FillInfo(buf, self, self.msg.addr, self.msg.length_,
+                          not self.msg.writable, flags)
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        pass
+
+    def __dealloc__(self):
+        if self.msg is not None:
+            self.msg._unexport()
 
 
 cdef class Channel(Handle):
@@ -366,12 +399,15 @@ cdef class Channel(Handle):
                              + ("no free slot" if produce else "no message")
                              + f" within {timeout} seconds")
         if rc == FMAP_CHAN_CLOSED:
-            if produce:
-                raise make_error(BrokenPipeError, ERROR_NO_DATA,
-                                 f"cannot send on channel {describe(self.name)}: it was closed")
-            raise EndOfStream(f"channel {describe(self.name)} was closed and every message "
-                              "sent before has been received")
+            self._ended(produce)
         raise_err(&e, f"cannot use channel {describe(self.name)}")
+
+    cdef int _ended(self, bint produce) except -1:
+        if produce:
+            raise make_error(BrokenPipeError, ERROR_NO_DATA,
+                             f"cannot send on channel {describe(self.name)}: it was closed")
+        raise EndOfStream(f"channel {describe(self.name)} was closed and every message "
+                          "sent before has been received")
 
     cdef int _too_big(self, object n, str what) except -1:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,
@@ -450,6 +486,13 @@ cdef class Channel(Handle):
         cdef ChanMap cm = self._map()
         items = messages if type(messages) is list or type(messages) is tuple else list(messages)
         total = len(items)
+        if total == 0:
+            # Nothing to send, but the same answers as a send: WriteFile of
+            # no bytes on a pipe whose reader is gone fails as well.
+            if timeout is not None:
+                parse_timeout(timeout)
+            if fmap_chan_ended(&cm.m):
+                self._ended(True)
         try:
             while sent < total:
                 want = total - sent
@@ -550,7 +593,9 @@ cdef class Channel(Handle):
 
     def reserve(self, nbytes, timeout=None):
         """A Message of nbytes to write in place: `with ch.reserve(n) as buf:`
-        sends it when the block ends, discards it on an exception."""
+        sends it when the block ends, discards it on an exception.  Its place
+        in the stream is taken now: until the block ends, consumers wait for
+        it before any message claimed after it, by any producer."""
         cdef uint64_t pos
         cdef ChanMap cm = self._map()
         n = parse_count(nbytes, "nbytes")
@@ -653,8 +698,8 @@ cdef class Channel(Handle):
         try:
             np = numpy()
             if kind != KIND_ARRAY:
-                a = np.frombuffer(msg, dtype=np.uint8)
-                msg.finishing = True    # given back when the last buffer goes
+                a = np.ndarray((n,), np.uint8, msg._lend())
+                msg.finishing = True    # given back when the array goes
                 return a
             # The description comes from another process: anything
             # send_array would not have written is refused, before NumPy
@@ -686,9 +731,9 @@ cdef class Channel(Handle):
             if dt is None:
                 raise make_error(ValueError, ERROR_FILE_CORRUPT,
                                  f"channel {describe(self.name)}: a malformed array message")
-            a = np.frombuffer(msg, dtype=dt, count=count, offset=meta)
-            msg.finishing = True        # given back when the last buffer goes
-            return a.reshape(shape) if ndim != 1 else a
+            a = np.ndarray(shape, dt, msg._lend(), meta)
+            msg.finishing = True        # given back when the array and its views go
+            return a
         except BaseException:
             msg.finishing = False
             msg._give_back()
@@ -721,7 +766,7 @@ cdef class Channel(Handle):
         """Slots producers have claimed and consumers have not yet passed (a
         snapshot): the messages waiting, and also any being written (an open
         reserve(), a send under way) and those given back unsent behind
-        them.  So at most what receivers could take now; drain with
+        them.  So more than receivers can take now, at times; drain with
         recv(timeout=0) or recv_many, not by counting."""
         cdef ChanMap cm = self._map()
         return <Py_ssize_t>fmap_chan_pending(&cm.m)
@@ -946,7 +991,7 @@ def _channel_reach(int pid, int fd, uint64_t dev, uint64_t ino):
     cdef fmap_err e
     cdef fmap_objinfo info
     cdef int rc, out = -1
-    what = "cannot open the unnamed channel passed from another process"
+    what = "cannot open the unnamed channel passed by pickling"
     with nogil:
         rc = fmap_reach(pid, fd, 1, dev, ino, &out, &e)
     if rc != FMAP_OK:

@@ -305,7 +305,8 @@ def test_bad_timeouts(closer, bad):
     for call in (lambda: ch.send(b"y", timeout=bad), lambda: ch.recv(timeout=bad),
                  lambda: ch.recv_many(timeout=bad), lambda: ch.reserve(1, timeout=bad),
                  lambda: ch.receive(timeout=bad), lambda: ch.send_array([1], timeout=bad),
-                 lambda: ch.recv_array(timeout=bad), lambda: ch.send_many([b"z"], timeout=bad)):
+                 lambda: ch.recv_array(timeout=bad), lambda: ch.send_many([b"z"], timeout=bad),
+                 lambda: ch.send_many([], timeout=bad)):
         with raises(ValueError, winerror=ERROR_INVALID_PARAMETER, match="timeout"):
             call()
     assert ch.recv(timeout=0) == b"x" and len(ch) == 0      # nothing moved
@@ -824,7 +825,7 @@ def test_reserve_live_buffer_never_writes_into_a_later_message_after_an_exceptio
             mv = memoryview(buf)
             arr = buf.asarray()
             raise KeyError
-    assert not buf.in_hand
+    assert not buf.in_hand and "reserved 8 bytes" in repr(buf) and "done" in repr(buf)
     with raises(TimeoutError):
         ch.send(b"AAAAAAAA", timeout=0)     # the only slot is held while they live
     mv[:] = b"ZZZZZZZZ"
@@ -835,6 +836,20 @@ def test_reserve_live_buffer_never_writes_into_a_later_message_after_an_exceptio
     del arr
     ch.send(b"AAAAAAAA", timeout=0)
     assert ch.recv(timeout=0) == b"AAAAAAAA"
+
+
+def test_an_open_reserve_holds_back_later_messages(closer, name):
+    # A message's place is taken at reserve(): another producer's message,
+    # sent while the block is open, comes after it (documented).
+    ch = make(closer, name)
+    other = closer(fmap.Channel.open(name))
+    with ch.reserve(5) as buf:
+        other.send(b"later")
+        assert len(ch) == 2
+        with raises(TimeoutError):
+            ch.recv(timeout=0)
+        buf[:] = b"first"
+    assert ch.recv_many(timeout=0) == [b"first", b"later"]
 
 
 def test_reserve_argument_errors(closer):
@@ -1208,6 +1223,52 @@ def test_recv_array_outlives_the_handle(closer, name):
     assert channel_maps(name) == 0                  # and goes with it
 
 
+def release_bases(a):
+    """Release whatever in an array's chain of bases can be released: what a
+    user reaching for a.base.release() would do."""
+    base = a.base
+    while base is not None:
+        if hasattr(base, "release"):
+            base.release()
+        base = getattr(base, "base", None)
+
+
+@pytest.mark.parametrize("how", ["recv_array", "receive().asarray", "recv_array of bytes"])
+def test_an_arrays_base_cannot_give_its_slot_back(closer, how):
+    # np.frombuffer made the array's base a memoryview whose release() gave the
+    # slot back under the live array: the next message was written into it.
+    ch = make(closer, capacity=1, message_size=64)
+    if how == "recv_array of bytes":
+        ch.send(bytes(range(8)))
+    else:
+        ch.send_array(np.arange(8, dtype="u1"))
+    if how == "receive().asarray":
+        with ch.receive(timeout=0) as msg:
+            a = msg.asarray()
+    else:
+        a = ch.recv_array(timeout=0)
+    release_bases(a)
+    gc.collect()
+    with raises(TimeoutError):
+        ch.send(b"\xff" * 8, timeout=0)             # the array still holds the slot
+    assert a.tolist() == list(range(8))
+    del a
+    gc.collect()
+    ch.send(b"\xff" * 8, timeout=0)                 # and gives it back when it goes
+
+
+def test_a_reserved_arrays_base_cannot_let_the_message_go(closer):
+    ch = make(closer, capacity=2, message_size=64)
+    with raises(BufferError, match="not sent"):
+        with ch.reserve(4) as msg:
+            a = msg.asarray()
+            release_bases(a)
+    a[:] = 7                                        # into a withheld slot, harmlessly
+    ch.send(b"good", timeout=0)
+    assert ch.recv(timeout=0) == b"good"
+    del a
+
+
 # ---- the end of the stream ------------------------------------------------------
 
 def test_close_ends_the_stream(closer, name):
@@ -1219,6 +1280,7 @@ def test_close_ends_the_stream(closer, name):
     tx.close()
     assert tx.closed and rx.ended and also.ended and not rx.closed
     for send in (lambda: also.send(b"x"), lambda: also.send_many([b"x"]),
+                 lambda: also.send_many([]),
                  lambda: also.reserve(1), lambda: also.send_array([1]),
                  lambda: also.send(b"x", timeout=0)):
         with raises(BrokenPipeError, winerror=ERROR_NO_DATA, match="closed"):

@@ -297,6 +297,7 @@ cdef class Message:
     cdef size_t length_
     cdef int pid                   # the process that claimed the slot: only it gives it back
     cdef uint32_t kind
+    cdef bint reserved             # from reserve() (for repr: writing is cleared once it ends)
     cdef bint writing              # reserved (sent or discarded at the end), or received (released)
     cdef bint writable             # buffers are writable
     cdef bint finishing            # received and done with: given back at the last buffer release
@@ -306,6 +307,8 @@ cdef class Message:
     cdef str _not_ours(self)
     cdef void _give_back(self) noexcept
     cdef void _discard(self) noexcept
+    cdef void _unexport(self) noexcept
+    cdef object _lend(self)
 
 
 cdef class Channel(Handle):
@@ -319,3 +322,4 @@ cdef class Channel(Handle):
     cdef uint32_t _claim(self, ChanMap cm, bint produce, uint32_t n, object timeout,
                          uint64_t *pos) except 0
     cdef int _too_big(self, object n, str what) except -1
+    cdef int _ended(self, bint produce) except -1
