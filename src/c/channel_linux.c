@@ -8,7 +8,7 @@
  *   header   magic, version, sizes; then, each on its own cache lines, the
  *            producers' cursor (head), the consumers' cursor (tail), the
  *            futex words sleepers wait on, and the closed flag;
- *   parts    participant records: (pid, start time) of every attached process;
+ *   parts    participant records: (pid, start time) of every open handle's process;
  *   meta     for each slot, 16 bytes: its state word, its message's length
  *            and kind (struct meta);
  *   slots    `capacity` slots (a power of two), each room for `msg_size`
@@ -513,7 +513,7 @@ static int join(fmap_chanmap *m, fmap_err *e)
             return FMAP_OK;
         }
     }
-    return fail(e, FMAP_EFULL, 0, "the channel's participant records (one per process)");
+    return fail(e, FMAP_EFULL, 0, "the channel's participant records (one per open handle)");
 }
 
 static void leave(fmap_chanmap *m)

@@ -259,7 +259,7 @@ void fmap_event_reset(fmap_sync *s);
    a cursor, then name themselves in each slot's state word, so a process
    that dies holding a slot is found and its slot given back (see
    channel_linux.c). */
-#define FMAP_CHAN_PARTS 1024        /* processes attached at once */
+#define FMAP_CHAN_PARTS 1024        /* handles open at once, in all processes */
 #define FMAP_CHAN_MAX_CAPACITY (1u << 24)
 #define FMAP_CHAN_CLOSED 3          /* wait result: closed (send), closed and drained (receive) */
 /* Each slot holds msg_size bytes and this much more: room for the

@@ -38,9 +38,9 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
       in hand), rounded up to a power of two, up to 2**24.
     message_size: the largest message in bytes; for send_array, the largest
       array's data (its dtype and shape, up to 32 dimensions, have room of
-      their own).  The channel takes about capacity x (message_size + 384)
-      bytes of shared memory; only the parts that messages touch are ever
-      allocated.
+      their own), up to 2**40.  The channel takes about 40 KiB plus
+      capacity x (message_size + 400) bytes of shared memory, at most 64 TiB;
+      only the parts that messages touch are ever allocated.
     When the name exists, its sizes win and `created` is False; exclusive=True
     makes that FileExistsError.
     """
