@@ -464,7 +464,7 @@ cdef class Channel(Handle):
         if kind == KIND_ARRAY:
             skip = array_data_offset(src, n)
         try:
-            out = PyBytes_FromStringAndSize(src + skip, n - skip)
+            out = copy_out(src + skip, n - skip)
         finally:
             fmap_chan_release(&cm.m, pos)
             fmap_chan_wake_producers(&cm.m, 1)
@@ -571,7 +571,7 @@ cdef class Channel(Handle):
                     src = fmap_chan_payload(&cm.m, pos + i)
                     n = fmap_chan_length(&cm.m, pos + i, &kind)
                     skip = array_data_offset(src, n) if kind == KIND_ARRAY else 0
-                    out.append(PyBytes_FromStringAndSize(src + skip, n - skip))
+                    out.append(copy_out(src + skip, n - skip))
                     total += n
                     i += 1
             finally:
@@ -827,6 +827,20 @@ cdef inline void copy_in(ChanMap cm, char *dst, const void *src, size_t n) noexc
             fmap_chan_copy_in(&cm.m, dst, src, n)
     else:
         fmap_chan_copy_in(&cm.m, dst, src, n)
+
+
+cdef inline object copy_out(const char *src, size_t n):
+    """A copy of a message's bytes, made without the GIL when they are many.
+    The caller holds the slot and the mapping (its local ChanMap), so a
+    close() or detach() in another thread meanwhile unmaps nothing."""
+    cdef char *dst
+    if n < NOGIL_COPY:
+        return PyBytes_FromStringAndSize(src, n)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    dst = PyBytes_AS_STRING(out)
+    with nogil:
+        memcpy(dst, src, n)
+    return out
 
 
 cdef int gather(fmap_chanmap *m, uint64_t pos, char *dst, Py_buffer *view) except -1:
