@@ -360,11 +360,14 @@ def test_polling_consumers_reach_the_end_past_a_dead_producers_slot(name, forks)
     assert_nothing_left(ch, name)
 
 
-def test_a_dead_claimer_with_our_pid_is_dead(tmp_path):
+@pytest.mark.parametrize("who", ["ours", "another process's"])
+def test_a_dead_claimer_with_our_pid_is_dead(tmp_path, who):
     # A process killed holding a slot, and its pid given to a later process:
-    # our own pid on a record is us only if the start time is ours too; the
-    # later process must free the slot (it may be the only consumer).  In a
-    # pid namespace of its own, where ns_last_pid hands the pid out again.
+    # a live pid on a record is its claimer only if the start time is the
+    # claimer's too.  "ours": the later process is the waiter, which must
+    # free the slot (it may be the only consumer); "another process's": the
+    # pid went to an unrelated process, and the waiter must still free it.
+    # In a pid namespace of its own, where ns_last_pid hands the pid out again.
     import shutil
     import subprocess
     import sys
@@ -390,15 +393,29 @@ except OSError:
     raise SystemExit
 pid = os.fork()
 if pid == 0:
-    code = 3 if os.getpid() != dead else 2
+    if WHO == "ours":
+        code = 3 if os.getpid() != dead else 2
+        try:
+            if ch.recv(timeout=5) == b"behind the dead one":
+                code = 0
+        finally:
+            os._exit(code)
+    time.sleep(30)              # lives on with the dead one's pid
+    os._exit(0)
+if WHO == "ours":
+    _, st = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(st))
+else:
+    code = 3 if pid != dead else 2
     try:
-        if ch.recv(timeout=5) == b"behind the dead one":
+        if code == 2 and ch.recv(timeout=5) == b"behind the dead one":
             code = 0
-    finally:
-        os._exit(code)
-_, st = os.waitpid(pid, 0)
-print(os.waitstatus_to_exitcode(st))
-""")
+    except TimeoutError:
+        pass
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print(code)
+""".replace("WHO", repr(who)))
     try:
         done = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, str(script)],
                               capture_output=True, timeout=60)
@@ -553,6 +570,30 @@ def test_producer_killed_between_claim_and_names(name, forks, then):
     for i in range(9):                        # every slot comes round again
         ch.send(b"again-%d" % i, timeout=WAIT)
         assert ch.recv(timeout=WAIT) == b"again-%d" % i
+    assert_nothing_left(ch, name)
+
+
+def test_the_end_of_the_stream_waits_for_a_claim_not_yet_named(name, forks):
+    # Closed while a producer is between its claim and its names: the slot
+    # still reads free, but the head is past it.  Receivers wait for it (its
+    # producer may yet write) and get the end of the stream once the
+    # producer is found dead, not before.
+    ch = fmap.Channel.create(name, 4, message_size=64)
+    d = forks(claim_unnamed(name, True, 1))
+    assert d.expect("claimed") == "claimed 0 1"
+    fmap.Channel.open(name).close()
+    with raises(TimeoutError):
+        ch.recv(timeout=0)
+    got = Background(lambda: ch.recv(timeout=WAIT))
+    time.sleep(0.05)                          # its 10 ms checks find the producer alive
+    assert not got.done()
+    d.killed()
+    killed = time.monotonic()
+    with pytest.raises(fmap.EndOfStream):
+        got.result()
+    assert time.monotonic() - killed < STALL
+    with pytest.raises(fmap.EndOfStream):
+        ch.recv(timeout=0)
     assert_nothing_left(ch, name)
 
 

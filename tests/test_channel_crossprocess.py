@@ -325,6 +325,77 @@ def test_a_wake_for_a_message_is_passed_on(between):
         os.close(w)
 
 
+# ---- sleepers are woken ------------------------------------------------------
+
+# (who sleeps, what wakes it): the sleeper's call, in a child with spin 0, and
+# the parent's action once it sleeps.
+WAKES = {
+    "send": ("consumer", lambda ch: ch.send(b"m")),
+    "send_many": ("consumer", lambda ch: ch.send_many([b"m", b"n"])),
+    "reserve": ("consumer", lambda ch: ch.reserve(1).__exit__(None, None, None)),
+    "send_array": ("consumer", lambda ch: ch.send_array(np.zeros(2))),
+    "close, a consumer": ("consumer", lambda ch: ch.close()),
+    "recv": ("producer", lambda ch: ch.recv()),
+    "recv_many": ("producer", lambda ch: ch.recv_many()),
+    "receive": ("producer", lambda ch: ch.receive().__exit__(None, None, None)),
+    "close, a producer": ("producer", lambda ch: ch.close()),
+}
+
+
+@pytest.mark.parametrize("how", sorted(WAKES))
+def test_a_sleeper_is_woken_at_once(how):
+    # Every publish, give-back and close wakes a sleeper.  One that is not
+    # woken still wakes at its next look for a dead claimer or its next
+    # slice, so the contract survives a lost wake in all but latency: a
+    # liveness check, not a timing one.  Woken, a sleeper is back in a
+    # fraction of a millisecond; not woken, 5 ms or more on average.
+    who, act = WAKES[how]
+    late = []
+    for _ in range(7):
+        ch = fmap.Channel.create(None, 2, message_size=64)
+        if who == "producer":
+            ch.send_many([b"a", b"b"])          # full: the child's send sleeps
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ch.spin = 0
+                try:
+                    if who == "producer":
+                        ch.send(b"c", timeout=T)
+                    else:
+                        ch.recv(timeout=T)
+                except (fmap.EndOfStream, BrokenPipeError):
+                    pass
+                os.write(w, struct.pack("d", time.monotonic()))
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            sleeping = "producers_sleeping" if who == "producer" else "consumers_sleeping"
+            assert poll(lambda: ch.stats()[sleeping] == 1, T)
+            # A sleeper also wakes every 10 ms to look for dead claimers;
+            # the poll above runs in step with that, so act at a random
+            # point of the period, or a lost wake could look like a prompt one.
+            time.sleep(random.uniform(0.001, 0.009))
+            acted = time.monotonic()
+            act(ch)
+            woke = struct.unpack("d", os.read(r, 8))[0]
+            late.append(woke - acted)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            pid = 0
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(r)
+            os.close(w)
+            ch.close()
+    late.sort()
+    assert late[len(late) // 2] < 0.002, [f"{x * 1e3:.2f} ms" for x in late]
+
+
 # ---- close() across processes ---------------------------------------------
 
 def _drain(ch, out_path):

@@ -932,6 +932,25 @@ def test_hostile_header(name, data, fixed):
         ch.close()
 
 
+@pytest.mark.parametrize("field,raw", [("magic", b"XMAPCHN\x01"), ("magic", b"FMAPCHN\x02"),
+                                       ("version", struct.pack("=I", 3)),
+                                       ("version", struct.pack("=I", 5))])
+def test_open_refuses_another_magic_or_version(name, field, raw):
+    # The hostile-header test lets an open through when the ring it would
+    # see is the same one; another magic or version never is.
+    ch = fmap.Channel.create(name, 4, message_size=100)
+    mem = scribbler(ch)
+    try:
+        off = HEADER[field][0]
+        mem[off:off + len(raw)] = raw
+        with pytest.raises(OSError) as info:
+            fmap.Channel.open(name)
+        check_corrupt(info.value, name)
+    finally:
+        mem.close()
+        ch.close()
+
+
 def test_hostile_header_from_another_process(name):
     # Another process (a child that opened the channel) writes a bad magic;
     # opens from then on are refused; the holders' handles go on.
