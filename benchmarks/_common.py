@@ -113,6 +113,7 @@ class Row:
     ops_per_round: int = 0
     samples_us: List[float] = field(default_factory=list)
     note: str = ""
+    extra: dict = field(default_factory=dict)   # a benchmark's own figures for the row
 
 
 def time_round(body: Callable[[Any, int], None], n: int, *,

@@ -25,7 +25,13 @@ d. a 64 B request/response round trip between two processes: two fmap
    kernel moves one end away within tens of ms (now and then about 0.1 s),
    whatever the transport; a round that follows a busy-polling row starts
    apart.  Timed from the go, a row moved with the row before it; so every
-   round trip round starts with 0.2 s untimed (see Timing).
+   round trip round starts with 0.2 s untimed (see Timing).  What one wake-up
+   costs drifts by tens of percent within a second, and those rows time fmap
+   and the Pipe in rounds of their own, half a second apart: a last row
+   times both in one client and one server, taking turns in blocks of 100
+   round trips (0 1 1 0 and again), so that both see the same placement; it
+   shows fmap's median, and beside it the Pipe's, the rounds and the pairs
+   of adjacent blocks fmap won.
 
 Every message is verified by its consumer.  Message s (s counts from 0 in
 every round) carries s as a little-endian u64 in its first 8 bytes and
@@ -1050,6 +1056,154 @@ class FmapPingPong(Impl):
         return self.Server(ends, sec)
 
 
+# ---- the sleeping round trip, fmap and the Pipe in one pair of processes
+#
+# A sleeping round trip costs mostly two wake-ups of an idle CPU, and what
+# one costs on this VM drifts by tens of percent within a second as the host
+# moves its CPUs about.  The rows above time fmap's and the Pipe's rounds
+# apart, each in its own processes, about half a second from each other:
+# 7 such pairs cannot tell a gap of a few µs from that drift.  Here one
+# client and one server take turns between the two transports in blocks
+# of PAIR_BLOCK round trips (about 5 ms), so both see the same placement,
+# and each pair of adjacent blocks is one paired sample.
+
+PAIR_BLOCK = 100
+
+
+def _pair_turn(b: int) -> int:
+    """The transport of block b: 0 fmap, 1 the Pipe, in the order 0 1 1 0
+    and again, so that neither always goes first in a pair."""
+    return (b ^ (b >> 1)) & 1
+
+
+def _ask_interleaved(ends, msgs, lead: bytes):
+    """The interleaved round trip's client: lead-in blocks for LEAD_S
+    (untimed), then msgs in blocks on the two transports in turn
+    (ends[t] = (send, recv)); every echo compared with its request.
+    Returns (ns on fmap, ns on the Pipe, pairs fmap won, pairs)."""
+    clock, K = time.perf_counter_ns, PAIR_BLOCK
+    n = len(msgs)
+    if n % (2 * K):
+        raise ValueError(f"{n} round trips are not whole pairs of {K}-blocks")
+    b, end = 0, clock() + int(LEAD_S * 1e9)
+    while b % 4 or clock() < end:
+        send, recv = ends[_pair_turn(b)]
+        for _ in range(K):
+            send(lead)
+            if recv() != lead:
+                raise Corrupt("lead-in: the echo differs from the request")
+        b += 1
+    took, won = [0, 0], 0
+    for s in range(0, n, 2 * K):
+        d = [0, 0]
+        for half in (0, 1):
+            t = _pair_turn(b)
+            send, recv = ends[t]
+            first = s + half * K
+            part = msgs[first:first + K]
+            t0 = clock()
+            for i, m in enumerate(part):
+                send(m)
+                if recv() != m:
+                    raise Corrupt(f"round trip {first + i}: the echo differs from the request")
+            d[t] = clock() - t0
+            b += 1
+        took[0] += d[0]
+        took[1] += d[1]
+        won += d[0] <= d[1]
+    return took[0], took[1], won, n // (2 * K)
+
+
+def _echo_interleaved(ends, pay: Payload, n: int) -> None:
+    """The interleaved round trip's server: blocks of PAIR_BLOCK requests
+    from the two transports in the client's turn (ends[t] = (recv, send)),
+    each request checked and sent back; lead-in ones (LEAD_SEQ) uncounted,
+    only before request 0."""
+    HT = pay.HT.unpack_from
+    s = b = 0
+    while s < n:
+        recv, send = ends[_pair_turn(b)]
+        for _ in range(PAIR_BLOCK):
+            m = recv()
+            if len(m) == 64:
+                h, t = HT(m)
+                if h == s and t == s ^ MAGIC:
+                    s += 1
+                    send(m)
+                    continue
+                if _is_lead(h, t, s):
+                    send(m)
+                    continue
+            raise Corrupt(f"request {s}: " + ("lost" if pay.one(m, s) > s + 1 else "wrong"))
+        b += 1
+
+
+class Interleaved(Impl):
+    """fmap sleeping (spin=0) and the Pipe, taking turns in one client and
+    one server (see PAIR_BLOCK).  Its row shows fmap's median; the Pipe's,
+    and the pairs fmap won, go in the row's extra."""
+    name = "fmap Channel x2, spin=0 (sleeping), interleaved with mp.Pipe"
+    unit = 2 * PAIR_BLOCK               # a round is whole pairs of blocks
+
+    def open(self, sec, run):
+        fmap = _mod("fmap")
+        req = fmap.Channel.create(None, sec.capacity, message_size=sec.size)
+        rsp = fmap.Channel.create(None, sec.capacity, message_size=sec.size)
+        a, b = run.ctx.Pipe(duplex=True)
+        return (req, rsp, a), (req, rsp, b), lambda: (req.close(), rsp.close())
+
+    @staticmethod
+    def spawned(ends_p, ends_c) -> None:
+        """The workers hold the Pipe now: the parent's copies would keep it
+        open past a worker's death."""
+        ends_p[2].close()
+        ends_c[2].close()
+
+    class Client(End):
+        def __init__(self, ends, sec):
+            super().__init__(sec)
+            self.req, self.rsp, self.conn = ends
+            self.req.spin = self.rsp.spin = 0
+
+        def prepare(self, n):
+            self.prepare_source(n)
+
+        def run(self, n):
+            return _ask_interleaved(((self.req.send, self.rsp.recv),
+                                     (self.conn.send_bytes, self.conn.recv_bytes)),
+                                    self.msgs, self.lead)
+
+        def left(self, inbound) -> int:
+            left = len(inbound)
+            while self.conn.poll(0.05):
+                self.conn.recv_bytes()
+                left += 1
+            self.conn.close()
+            self.req.detach()
+            self.rsp.detach()
+            return left
+
+        def close(self):
+            return self.left(self.rsp)
+
+    class Server(Client):
+        def prepare(self, n):
+            pass
+
+        def run(self, n):
+            _echo_interleaved(((self.req.recv, self.rsp.send),
+                               (self.conn.recv_bytes, self.conn.send_bytes)), self.pay, n)
+
+        def close(self):
+            return self.left(self.req)
+
+    def producer(self, ends, sec):
+        return self.Client(ends, sec)
+
+    def consumer(self, ends, sec):
+        return self.Server(ends, sec)
+
+
 class IoxPingPong(Iceoryx2):
     name = "iceoryx2 x2, busy-polling"
 
@@ -1157,7 +1311,7 @@ def _impls() -> Dict[str, Impl]:
                  FmapPingPong(None, "fmap Channel x2, spin (default)"), sleeping,
                  IoxPingPong(),
                  Pinned(sleeping, "one CPU"), Pinned(MpPipe(), "one CPU"),
-                 Pinned(sleeping, "two CPUs"), Pinned(MpPipe(), "two CPUs")):
+                 Pinned(sleeping, "two CPUs"), Pinned(MpPipe(), "two CPUs"), Interleaved()):
         out[impl.name] = impl
     return out
 
@@ -1168,7 +1322,7 @@ PINGPONG_ORDER = ["fmap Channel x2, spin (default)", "fmap Channel x2, spin=0 (s
                   "fmap Channel x2, spin=0 (sleeping), one CPU",
                   "mp.Pipe send_bytes/recv_bytes, one CPU",
                   "fmap Channel x2, spin=0 (sleeping), two CPUs",
-                  "mp.Pipe send_bytes/recv_bytes, two CPUs"]
+                  "mp.Pipe send_bytes/recv_bytes, two CPUs", Interleaved.name]
 STREAM_ORDER = ["fmap send/recv", "fmap send_many/recv_many", "fmap reserve/receive",
                 "mp.Queue put/get", "mp.Pipe send_bytes/recv_bytes", "faster-fifo put/get",
                 "faster-fifo put_many/get_many", "iceoryx2 loan/receive"]
@@ -1275,6 +1429,8 @@ class Pair:
         if isinstance(getattr(impl, "inner", impl), MpPipe):   # the children hold it now
             self.close_transport()
             self.close_transport = None
+        elif isinstance(impl, Interleaved):
+            impl.spawned(ends_p, ends_c)
 
     def gather(self, what: str, deadline: float) -> Dict[str, object]:
         """Both workers' answers `what`; the first error, death or the
@@ -1429,8 +1585,14 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
             run.pairs.remove(pr)
             pairs[i] = None
 
-    n = {i: max(1, int(sec.warm_n * min(1.0, run.args.scale))) for i in range(len(rows))}
+    units = {i: getattr(IMPLS[name], "unit", 1) for i, name in enumerate(order)}
+
+    def whole(i: int, count: int) -> int:       # whole units (an interleaved row's pairs)
+        return -(-count // units[i]) * units[i]
+    n = {i: whole(i, max(1, int(sec.warm_n * min(1.0, run.args.scale))))
+         for i in range(len(rows))}
     samples: Dict[int, List[float]] = {i: [] for i in range(len(rows))}
+    paired: Dict[int, List[tuple]] = {i: [] for i in range(len(rows))}
     live = [i for i, pr in enumerate(pairs) if pr is not None]
     max_n = 3_000_000 if sec.size == 64 else 2_000_000
     for r in range(run.rounds + WARMUPS):
@@ -1452,7 +1614,14 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
                     pr.kill()
             try:
                 t = C.time_round(body, n[i], setup=setup, cleanup=cleanup)
-                if sec.pingpong:        # the client's own time, after its lead-in
+                if sec.pingpong and isinstance(took[i], tuple):
+                    # interleaved: fmap's time and the Pipe's, n / 2 round trips each
+                    f_ns, p_ns, won, npairs = took[i]
+                    t = f_ns / (n[i] / 2) / 1000.0
+                    if r >= WARMUPS:
+                        paired[i].append((p_ns / (n[i] / 2) / 1000.0, won, npairs,
+                                          f_ns <= p_ns))
+                elif sec.pingpong:      # the client's own time, after its lead-in
                     t = took[i] / n[i] / 1000.0
             except KeyboardInterrupt:
                 raise
@@ -1464,6 +1633,7 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
                 n[i] = max(100, min(max_n, int(run.round_s * 1e6 / t)))
                 if sec.batch > 1:
                     n[i] = -(-n[i] // sec.batch) * sec.batch
+                n[i] = whole(i, n[i])
             else:
                 samples[i].append(t)
         live = [i for i in live if rows[i].status == C.OK]
@@ -1474,6 +1644,14 @@ def run_section(run: Run, sec: Section) -> List[C.Row]:
         row.samples_us = [round(x, 4) for x in s]
         row.median_us = statistics.median(s)
         row.min_us, row.max_us = min(s), max(s)
+        if paired[i]:
+            pipe = [p[0] for p in paired[i]]
+            row.extra = {"pipe_samples_us": [round(x, 4) for x in pipe],
+                         "pipe_median_us": statistics.median(pipe),
+                         "rounds_won": sum(p[3] for p in paired[i]),
+                         "pairs_won": sum(p[1] for p in paired[i]),
+                         "pairs": sum(p[2] for p in paired[i]),
+                         "pair_block": PAIR_BLOCK}
         if lost.get(i):
             row.note = f"LOSSY: lost {lost[i]} messages"
         print(f"  {bench:<20} {row.impl:<36} {row.median_us:9.3f} µs/msg  n={n[i]}",
@@ -1500,6 +1678,12 @@ def _target(row: C.Row, sec: Section, rows: List[C.Row]):
     if sec.pingpong:
         if row.impl.startswith("fmap") and "spin=0" not in row.impl:
             return "< 2 µs", row.median_us < 2.0
+        if row.extra.get("pairs"):
+            x = row.extra
+            return (f"<= mp.Pipe in the same rounds ({x['pipe_median_us']:.1f} µs; faster in "
+                    f"{x['rounds_won']} of {len(row.samples_us)} rounds, {x['pairs_won']} of "
+                    f"{x['pairs']} paired blocks)",
+                    row.median_us <= x["pipe_median_us"])
         if "spin=0" in row.impl:
             where = row.impl.split("(sleeping)")[1]       # the same placement
             pipe = next((r for r in rows if r.impl == "mp.Pipe send_bytes/recv_bytes" + where

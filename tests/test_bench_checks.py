@@ -150,3 +150,70 @@ def test_the_round_trip_client_times_only_after_its_lead_in(bench, monkeypatch):
         sent.clear()
         with pytest.raises(bench.Corrupt):
             bench._ask(sent.append, echo_with(bad), msgs, lead)
+
+
+def test_the_interleaved_round_trip_takes_turns_and_checks_every_echo(bench, monkeypatch):
+    # fmap and the Pipe take turns in blocks, 0 1 1 0 and again, the lead-in
+    # in whole cycles of 4 blocks; only the timed blocks count, and every
+    # echo is compared with its request.
+    assert [bench._pair_turn(b) for b in range(8)] == [0, 1, 1, 0, 0, 1, 1, 0]
+    K = bench.PAIR_BLOCK
+    pay = bench.Payload(bench.SECTIONS["d"])
+    lead, msgs = pay.build(bench.LEAD_SEQ), pay.prebuilt(4 * K)
+    monkeypatch.setattr(bench, "LEAD_S", 0.01)
+    sent = [[], []]                                   # per transport
+    order = []                                        # the transport of each request
+
+    def end(t, bad=lambda m: False):
+        def send(m):
+            sent[t].append(m)
+            order.append(t)
+
+        def recv():
+            m = sent[t][-1]
+            return flip(m, 30) if bad(m) else m
+        return send, recv
+    f_ns, p_ns, won, pairs = bench._ask_interleaved((end(0), end(1)), msgs, lead)
+    assert pairs == 2 and 0 <= won <= 2 and f_ns > 0 and p_ns > 0
+    k = sum(1 for t in (0, 1) for m in sent[t] if m == lead)
+    assert k % (4 * K) == 0 and k > 0                 # the lead-in: whole cycles
+    timed = order[k:]
+    assert timed == [t for b in range(4) for t in [bench._pair_turn(b)] * K]
+    assert [m for m in sent[0] if m != lead] == msgs[:K] + msgs[3 * K:]
+    assert [m for m in sent[1] if m != lead] == msgs[K:3 * K]
+    for t, bad in ((1, lambda m: m == msgs[2 * K + 5]), (0, lambda m: m == lead)):
+        sent[0].clear(), sent[1].clear()
+        ends = [end(0), end(1)]
+        ends[t] = end(t, bad)
+        with pytest.raises(bench.Corrupt):
+            bench._ask_interleaved(ends, msgs, lead)
+    with pytest.raises(ValueError, match="whole pairs"):
+        bench._ask_interleaved((end(0), end(1)), msgs[:K], lead)
+
+
+def test_the_interleaved_server_follows_the_turns_and_checks_every_request(bench):
+    K = bench.PAIR_BLOCK
+    pay = bench.Payload(bench.SECTIONS["d"])
+    lead, msgs = pay.build(bench.LEAD_SEQ), pay.prebuilt(2 * K)
+
+    def serve(blocks):
+        """blocks: the requests of each block, in turn; what each transport
+        sent back."""
+        inbox = [[m for b, blk in enumerate(blocks) if bench._pair_turn(b) == t for m in blk]
+                 for t in (0, 1)]
+        out = [[], []]
+
+        def ends(t):
+            it = iter(inbox[t])
+            return lambda: next(it), out[t].append
+        bench._echo_interleaved((ends(0), ends(1)), pay, 2 * K)
+        return out
+    leads = [[lead] * K] * 4
+    out = serve(leads + [msgs[:K], msgs[K:]])
+    assert out[0] == [lead] * 2 * K + msgs[:K] and out[1] == [lead] * 2 * K + msgs[K:]
+    with pytest.raises(bench.Corrupt):                # a request on the wrong transport
+        serve([msgs[K:], msgs[:K]])
+    with pytest.raises(bench.Corrupt):                # a lead-in after request 0
+        serve([msgs[:K], [lead] + msgs[K:2 * K - 1]])
+    with pytest.raises(bench.Corrupt):                # a torn request
+        serve([msgs[:K], [flip(msgs[K], 63)] + msgs[K + 1:]])
