@@ -1038,6 +1038,22 @@ def _channel_claim_unnamed(Channel ch, bint producer, uint32_t n):
     raise_err(&e, "cannot claim")
 
 
+def _channel_send_racing_close(Channel ch):
+    """Test hook: send an empty message while, between this send's read of
+    the closed flag and its claim, another process closes the channel and a
+    consumer looks for the end.  (whether the message went out, whether
+    that consumer found the end), or None when the channel was full."""
+    cdef fmap_err e
+    cdef int saw_end = 0
+    cdef ChanMap cm = ch._map()
+    rc = fmap_chan_send_racing_close(&cm.m, &saw_end, &e)
+    if rc == FMAP_OK or rc == FMAP_CHAN_CLOSED:
+        return rc == FMAP_OK, bool(saw_end)
+    if rc < 0:
+        return None
+    raise_err(&e, "cannot send")
+
+
 def _channel_name_partly(Channel ch, bint producer, uint32_t k):
     """Test hook: name at most k slots of the newest claim on one side that
     are still unnamed, as a process killed part-way through that leaves

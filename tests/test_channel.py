@@ -1293,6 +1293,30 @@ def test_the_end_of_the_stream_waits_for_a_reserve_under_way(closer, name):
         rx.recv(timeout=0)
 
 
+@pytest.mark.parametrize("before", [0, 3])
+def test_a_send_that_claims_after_the_end_was_seen_fails(closer, name, before):
+    # A producer reads `closed` (not yet), another process closes, a
+    # consumer finds the end (nothing claimed past what it took), and only
+    # then does the producer claim its slot: its send must fail, not go out
+    # to a stream every consumer has left.  The hook puts the close and the
+    # consumer's look in that window.
+    tx = fmap.Channel.create(name, 8, message_size=64)
+    rx = make(closer, name)
+    for i in range(before):
+        tx.send(b"%d" % i)
+        assert rx.recv(timeout=0) == b"%d" % i
+    assert fmap._fmap._channel_send_racing_close(tx) == (False, True)
+    assert rx.ended and len(rx) == 0
+    with pytest.raises(fmap.EndOfStream):
+        rx.recv(timeout=0)
+    with raises(BrokenPipeError, winerror=ERROR_NO_DATA):
+        tx.send(b"x", timeout=0)
+    # A full ring: the hook never gets as far as a claim.
+    full = make(closer, capacity=2)
+    full.send_many([b"1", b"2"])
+    assert fmap._fmap._channel_send_racing_close(full) is None and not full.ended
+
+
 def test_close_ends_the_stream(closer, name):
     tx = fmap.Channel.create(name, 8, message_size=64)
     rx = make(closer, name)

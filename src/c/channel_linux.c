@@ -757,6 +757,7 @@ static void prefetch_batch(fmap_chanmap *m, uint64_t pos, uint32_t n, int to_wri
 #define UNNAMED 2       /* test hook: leave the claim unnamed, as a claimer killed
                            between the cursor's swap and the names would */
 #define SPINNING 4      /* a producer's gated spin: see GATE_SLOTS */
+#define RACE_CLOSE 8    /* test hook: see fmap_chan_send_racing_close */
 
 /* A producer that finds the ring full waits, while it spins, until
    GATE_SLOTS slots are free, not one.  Claiming each slot as the consumer
@@ -794,6 +795,22 @@ static int claim_run(fmap_chanmap *m, int side, uint64_t cur, uint64_t from, uin
     return 1;
 }
 
+static int try_take(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint32_t *got);
+
+/* RACE_CLOSE: whether the consumer race_close looked for found the end. */
+static __thread int race_saw_end;
+
+/* Another process closes the channel, and a consumer looks for the end,
+   after a producer's read of `closed` and before its claim: the window that
+   the producer's second read of `closed`, after its claim, covers. */
+static void race_close(fmap_chanmap *m)
+{
+    uint64_t pos;
+    uint32_t got;
+    fmap_chan_close(m);
+    race_saw_end = try_take(m, 1, 0, &pos, &got) == FMAP_CHAN_CLOSED;
+}
+
 /* Producer: claim up to n consecutive FREE slots at the head.  CHECK_DEAD:
    a full ring whose oldest slot is held by a dead process is freed. */
 static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, uint32_t *got)
@@ -813,6 +830,9 @@ static int try_reserve(fmap_chanmap *m, uint32_t n, int flags, uint64_t *pos, ui
         if (i > 1)
             prefetch_batch(m, hd, i, 1);
         if (i > 0) {
+            if (flags & RACE_CLOSE)
+                race_close(m);
+            flags &= ~RACE_CLOSE;
             if (!claim_run(m, HEAD, cur, hd, i, flags))
                 continue;                     /* another producer claimed first */
             *pos = hd;
@@ -1173,6 +1193,20 @@ int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t 
     if (ensure_joined(m, e) != FMAP_OK)
         return e->status;
     return producer ? try_reserve(m, n, UNNAMED, pos, got) : try_take(m, n, UNNAMED, pos, got);
+}
+
+int fmap_chan_send_racing_close(fmap_chanmap *m, int *saw_end, fmap_err *e)
+{
+    uint64_t pos;
+    uint32_t got;
+    if (ensure_joined(m, e) != FMAP_OK)
+        return e->status;
+    race_saw_end = 0;
+    int rc = try_reserve(m, 1, RACE_CLOSE, &pos, &got);
+    *saw_end = race_saw_end;
+    if (rc == FMAP_OK)
+        fmap_chan_commit(m, pos, 0, 0);
+    return rc;
 }
 
 int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e)

@@ -377,5 +377,11 @@ int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t 
 /* Test hook: name at most k slots of the newest claim on one side still
    unnamed, as a process killed part-way through doing so leaves them. */
 int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e);
+/* Test hook: send an empty message while, between the producer's read of
+   `closed` and its claim, another process closes the channel and a consumer
+   looks for the end (*saw_end: it found it).  FMAP_CHAN_CLOSED when the
+   send failed; FMAP_OK when it went out, as send would (after an end seen,
+   a message no consumer takes); negative when the ring was full. */
+int fmap_chan_send_racing_close(fmap_chanmap *m, int *saw_end, fmap_err *e);
 
 #endif

@@ -210,6 +210,7 @@ cdef extern from "c/fmap.h" nogil:
     int fmap_chan_claim_unnamed(fmap_chanmap *m, int producer, uint32_t n, uint64_t *pos,
                                 uint32_t *got, fmap_err *e)
     int fmap_chan_name_partly(fmap_chanmap *m, int producer, uint32_t k, fmap_err *e)
+    int fmap_chan_send_racing_close(fmap_chanmap *m, int *saw_end, fmap_err *e)
 
 
 cdef class Handle:
