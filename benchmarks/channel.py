@@ -705,12 +705,12 @@ def _is_lead(h: int, t: int, s: int) -> bool:
     return s == 0 and h == LEAD_SEQ and t == LEAD_SEQ ^ MAGIC
 
 
-def _echo(recv, send, pay: Payload, n: int) -> None:
-    """The round trip's server: check each request, send it back.  Lead-in
-    requests (LEAD_SEQ) are echoed uncounted, only before request 0."""
-    HT, one = pay.HT.unpack_from, pay.one
-    s = 0
-    while s < n:
+def _echo_block(recv, send, pay: Payload, s: int, k: int) -> int:
+    """Echo k requests, request s due first: each checked, then sent back.
+    Lead-in requests (LEAD_SEQ) are echoed uncounted, only before request
+    0.  Returns the request due next."""
+    HT = pay.HT.unpack_from
+    for _ in range(k):
         m = recv()
         if len(m) == 64:
             h, t = HT(m)
@@ -721,7 +721,17 @@ def _echo(recv, send, pay: Payload, n: int) -> None:
             if _is_lead(h, t, s):
                 send(m)
                 continue
-        raise Corrupt(f"request {s}: " + ("lost" if one(m, s) > s + 1 else "wrong"))
+        raise Corrupt(f"request {s}: " + ("lost" if pay.one(m, s) > s + 1 else "wrong"))
+    return s
+
+
+def _echo(recv, send, pay: Payload, n: int) -> None:
+    """The round trip's server: n requests after the lead-in.  Each block
+    asks for no more than are still due (lead-ins do not count), so it
+    never waits for one the client will not send."""
+    s = 0
+    while s < n:
+        s = _echo_block(recv, send, pay, s, n - s)
 
 
 class FasterFifo(Impl):
@@ -1119,22 +1129,10 @@ def _echo_interleaved(ends, pay: Payload, n: int) -> None:
     from the two transports in the client's turn (ends[t] = (recv, send)),
     each request checked and sent back; lead-in ones (LEAD_SEQ) uncounted,
     only before request 0."""
-    HT = pay.HT.unpack_from
     s = b = 0
     while s < n:
         recv, send = ends[_pair_turn(b)]
-        for _ in range(PAIR_BLOCK):
-            m = recv()
-            if len(m) == 64:
-                h, t = HT(m)
-                if h == s and t == s ^ MAGIC:
-                    s += 1
-                    send(m)
-                    continue
-                if _is_lead(h, t, s):
-                    send(m)
-                    continue
-            raise Corrupt(f"request {s}: " + ("lost" if pay.one(m, s) > s + 1 else "wrong"))
+        s = _echo_block(recv, send, pay, s, PAIR_BLOCK)
         b += 1
 
 
