@@ -1,5 +1,5 @@
 """Type stubs for fmap's Cython core."""
-from typing import Any, Callable, Optional, Tuple, List
+from typing import Any, Callable, Optional, Tuple, List, final
 
 import numpy as np
 
@@ -136,6 +136,7 @@ CHANNEL_MAX_PROCESSES: int
 class EndOfStream(EOFError):
     winerror: int
 
+@final
 class Message:
     @property
     def nbytes(self) -> int: ...
