@@ -55,8 +55,10 @@ cdef inline size_t array_meta_size(int ndim) noexcept:
     return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
 
 
-# np.dtype of the codes received arrays carried; bounded, since the codes
-# come from other processes.
+# (np.dtype, item size) of the codes received arrays carried, once vetted
+# (None: a code send_array would not have sent); bounded, since the codes
+# come from other processes.  The dtype's attributes, read for every
+# message, cost a small array's recv_array a fifth of its time.
 cdef dict _array_dtypes = {}
 
 
@@ -78,12 +80,39 @@ cdef object code_of(dt):
 
 
 cdef object dtype_of(bytes code):
-    dt = _array_dtypes.get(code)
-    if dt is None:
+    """(dtype, item size) for a received array's code; None when send_array
+    could not have sent it."""
+    try:
+        return _array_dtypes[code]
+    except KeyError:
+        pass
+    try:
         dt = numpy().dtype(code.decode("ascii"))
-        if len(_array_dtypes) < 256:
-            _array_dtypes[code] = dt
-    return dt
+    except Exception:
+        dt = None
+    entry = (dt, dt.itemsize) if dt is not None and sendable_dtype(dt) else None
+    if len(_array_dtypes) < 256:
+        _array_dtypes[code] = entry
+    return entry
+
+
+cdef bint shape_fits(const uint64_t *dims, uint32_t ndim, uint64_t itemsize,
+                     uint64_t nbytes) noexcept:
+    """Whether an array of these dimensions and item size holds exactly
+    nbytes.  NumPy also refuses a shape whose non-zero dimensions' product
+    does not fit an intp, even when another dimension is 0."""
+    cdef uint64_t count = itemsize, extent = itemsize, d
+    cdef uint32_t i
+    for i in range(ndim):
+        d = dims[i]
+        if d == 0:
+            count = 0
+        elif extent > <uint64_t>PY_SSIZE_T_MAX // d:
+            return False
+        else:
+            extent *= d
+            count *= d          # count <= extent: no overflow either
+    return count == nbytes
 
 
 # no_gc: the collector must never clear cm ahead of __dealloc__ and
@@ -705,6 +734,7 @@ cdef class Channel(Handle):
         cdef char *src
         cdef Message msg
         cdef uint32_t i
+        cdef uint64_t dims[32]          # ARRAY_MAX_DIMS
         cdef ChanMap cm = self._map()
         self._claim(cm, False, 1, timeout, &pos)
         src = fmap_chan_payload(&cm.m, pos)
@@ -721,33 +751,21 @@ cdef class Channel(Handle):
             # send_array would not have written is refused, before NumPy
             # sees it (an empty item type would divide by zero, an object
             # one is refused by NumPy with an error of its own).
-            dt = None
+            entry = None
             meta = array_data_offset(src, n)
             if meta:
                 ndim = (<uint32_t *>src)[0]
                 codelen = (<uint32_t *>src)[1]
-                shape = tuple([(<uint64_t *>(src + ARRAY_META))[i] for i in range(ndim)])
-                try:
-                    dt = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
-                except Exception:
-                    dt = None
-                if dt is not None and not sendable_dtype(dt):
-                    dt = None
-                if dt is not None:
-                    # NumPy refuses a shape whose non-zero dimensions'
-                    # product does not fit an intp, even when another
-                    # dimension is 0 and the array holds nothing.
-                    count = extent = 1
-                    for s in shape:
-                        count *= s
-                        extent *= s or 1
-                    if (count * dt.itemsize != n - meta
-                            or extent * dt.itemsize > PY_SSIZE_T_MAX):
-                        dt = None
-            if dt is None:
+                # Read once: what is checked is what NumPy gets.
+                memcpy(dims, src + ARRAY_META, 8 * ndim)
+                entry = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
+                if entry is not None and not shape_fits(dims, ndim, entry[1], n - meta):
+                    entry = None
+            if entry is None:
                 raise make_error(ValueError, ERROR_FILE_CORRUPT,
                                  f"channel {describe(self.name)}: a malformed array message")
-            a = np.ndarray(shape, dt, msg._lend(), meta)
+            shape = tuple([dims[i] for i in range(ndim)])
+            a = np.ndarray(shape, entry[0], msg._lend(), meta)
             msg.finishing = True        # given back when the array and its views go
             return a
         except BaseException:
