@@ -6,6 +6,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS,
                              PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_ToContiguous)
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_FromObject
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
@@ -89,8 +90,8 @@ cdef object dtype_of(bytes code):
     try:
         dt = numpy().dtype(code.decode("ascii"))
     except Exception:
-        dt = None
-    entry = (dt, dt.itemsize) if dt is not None and sendable_dtype(dt) else None
+        return None                 # not remembered: it may have been a MemoryError
+    entry = (dt, dt.itemsize) if sendable_dtype(dt) else None
     if len(_array_dtypes) < 256:
         _array_dtypes[code] = entry
     return entry
@@ -752,10 +753,8 @@ cdef class Channel(Handle):
             # sees it (an empty item type would divide by zero, an object
             # one is refused by NumPy with an error of its own).
             entry = None
-            meta = array_data_offset(src, n)
+            meta = array_header(src, n, &ndim, &codelen)
             if meta:
-                ndim = (<uint32_t *>src)[0]
-                codelen = (<uint32_t *>src)[1]
                 # Read once: what is checked is what NumPy gets.
                 memcpy(dims, src + ARRAY_META, 8 * ndim)
                 entry = dtype_of(PyBytes_FromStringAndSize(src + 8, codelen))
@@ -890,15 +889,27 @@ cdef bint sendable_dtype(dt) except -1:
                 or dt.itemsize == 0)
 
 
+cdef size_t array_header(const char *src, size_t n, uint32_t *ndim, uint32_t *codelen) noexcept:
+    """Where an array message's data starts, 0 when its description is bad;
+    its ndim and dtype code length, read once (another process could
+    change them meanwhile: only the values checked here may be used)."""
+    cdef uint32_t head[2]
+    cdef size_t meta
+    if n < ARRAY_META:
+        return 0
+    memcpy(head, src, sizeof(head))
+    ndim[0] = head[0]
+    codelen[0] = head[1]
+    if head[0] > <uint32_t>ARRAY_MAX_DIMS or head[1] > 24 or head[1] == 0:
+        return 0
+    meta = array_meta_size(head[0])
+    return meta if meta <= n else 0
+
+
 cdef size_t array_data_offset(const char *src, size_t n) noexcept:
     """Where an array message's data starts; 0 when its description is bad."""
-    cdef uint32_t ndim = (<const uint32_t *>src)[0]
-    cdef uint32_t codelen = (<const uint32_t *>src)[1]
-    cdef size_t meta
-    if n < ARRAY_META or ndim > <uint32_t>ARRAY_MAX_DIMS or codelen > 24 or codelen == 0:
-        return 0
-    meta = array_meta_size(ndim)
-    return meta if meta <= n else 0
+    cdef uint32_t ndim, codelen
+    return array_header(src, n, &ndim, &codelen)
 
 
 cdef class _SlotBytes:
@@ -939,7 +950,9 @@ cdef Channel new_channel(name, bytes key, int fd, ChanMap cm, const fmap_objinfo
     ch.capacity = cm.m.capacity
     ch.message_size = cm.m.msg_size
     ch.spin_ns = <uint64_t>(DEFAULT_SPIN_US * 1000)
-    cm.name = name
+    # An exact str: a subclass's __dict__ could hold a Message of this
+    # channel, a cycle the collector cannot see (Messages are untracked).
+    cm.name = None if name is None else PyUnicode_FromObject(name)
     return ch
 
 

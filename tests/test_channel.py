@@ -1022,6 +1022,26 @@ def test_messages_are_left_to_reference_counting(closer):
         type("Sub", (fmap.Message,), {})
 
 
+def test_a_message_kept_by_its_channels_name_is_collected(closer):
+    # Message -> its mapping -> the channel's name -> the name's __dict__ ->
+    # Message would be a cycle the collector cannot see, Messages being
+    # untracked: the slot would never come back.  The mapping keeps the name
+    # as a plain str.
+    class Name(str):
+        pass
+    plain = f"fmap-test-name-cycle-{os.getpid()}"
+    name = Name(plain)
+    ch = fmap.Channel.create(name, capacity=1, message_size=16)
+    other = closer(fmap.Channel.open(plain))
+    other.send(b"x")
+    name.keep = ch.receive(timeout=0)
+    ch.detach()
+    del ch, name
+    gc.collect()
+    other.send(b"y", timeout=1)       # the slot came back
+    assert other.recv(timeout=0) == b"y"
+
+
 @pytest.mark.parametrize("how", ["traceback", "received", "reserved", "at exit"])
 def test_a_message_in_a_reference_cycle_survives_the_collector(how):
     # The collector clears what a garbage cycle holds before deallocating

@@ -1119,6 +1119,50 @@ def test_hostile_message(name, sent, op, writes):
         ch.close()
 
 
+def test_an_array_description_rewritten_while_received():
+    # Another process rewrites an array message's ndim, between 1 and 3000,
+    # while recv_array reads it: only the value that was checked may be
+    # used (read twice, it once overflowed a buffer of 32 dimensions).  In a
+    # child, so that a crash fails this test only.
+    from children import run_python
+    code = f"""
+import mmap, os, struct, time
+import numpy as np, fmap
+ch = fmap.Channel.create(capacity=1, message_size=4096)    # every message in slot 0
+ch.spin = 0
+_n, _k, _pid, fd, _dev, _ino = ch.__reduce__()[1]
+with open(f"/proc/self/fd/{{fd}}", "r+b") as f:
+    mem = mmap.mmap(f.fileno(), 0)
+ndim_at = struct.unpack_from("=Q", mem, {HEADER["slots_offset"][0]})[0]
+pid = os.fork()
+if pid == 0:
+    pk, end = struct.Struct("=I").pack_into, time.monotonic() + 1.0
+    while time.monotonic() < end:
+        for _ in range(1000):
+            pk(mem, ndim_at, 3000)
+            pk(mem, ndim_at, 1)
+    os._exit(0)
+arr = np.arange(100, dtype=np.uint8)
+ok = refused = 0
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    ch.send_array(arr, timeout=1)
+    try:
+        a = ch.recv_array(timeout=1)
+    except ValueError as exc:
+        assert "malformed" in str(exc), exc
+        refused += 1
+    else:
+        assert a.shape == (100,) and (a == arr).all()
+        ok += 1
+        del a
+print(ok, refused)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    ok, refused = map(int, done.stdout.split())
+    assert refused > 0, "the rewrites never met a message: the test tested nothing"
+
+
 @settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=4),

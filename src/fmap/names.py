@@ -32,9 +32,10 @@ def key_for(name: str | None) -> bytes | None:
     key = _cache.get(name) if type(name) is str else None
     if key is None:
         key = _key(name)
-        if len(_cache) >= 4096:
-            _cache.clear()
-        _cache[name] = key
+        if type(name) is str:       # a subclass could hash or compare its own way
+            if len(_cache) >= 4096:
+                _cache.clear()
+            _cache[name] = key
     return key
 
 
