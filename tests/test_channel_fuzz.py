@@ -1119,6 +1119,56 @@ def test_hostile_message(name, sent, op, writes):
         ch.close()
 
 
+@pytest.mark.parametrize("field", ["capacity", "msg_size", "slots_offset", "meta_offset"])
+def test_a_header_rewritten_while_opened(field):
+    # Another process flips a size in the header between its value and a
+    # bad one while this one opens the channel: an open either refuses the
+    # header or gets the true sizes, and the channel works (the mapping
+    # was once built from a second read of the header, made after the
+    # check: a send then wrote outside it).  In a child, so that a crash
+    # fails this test only.
+    from children import run_python
+    off = HEADER[field][0]
+    code = f"""
+import mmap, os, struct, time, uuid
+import fmap
+name = "fmap-test-hdr-" + uuid.uuid4().hex[:12]
+ch = fmap.Channel.create(name, 4, message_size=64)
+_n, _k, _pid, fd, _dev, _ino = ch.__reduce__()[1]
+with open(f"/proc/self/fd/{{fd}}", "r+b") as f:
+    mem = mmap.mmap(f.fileno(), 0)
+good = struct.unpack_from("=Q", mem, {off})[0]
+pid = os.fork()
+if pid == 0:
+    pk, end = struct.Struct("=Q").pack_into, time.monotonic() + 1.0
+    while time.monotonic() < end:
+        for _ in range(1000):
+            pk(mem, {off}, 1 << 44)
+            pk(mem, {off}, 1 << 24)
+            pk(mem, {off}, good)
+    os._exit(0)
+ok = refused = 0
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    try:
+        c = fmap.Channel.open(name)
+    except OSError as exc:
+        assert exc.winerror == 1392, exc        # ERROR_FILE_CORRUPT
+        refused += 1
+        continue
+    assert (c.capacity, c.message_size) == (4, 64), (c.capacity, c.message_size)
+    for k in range(5):                          # round the ring
+        c.send(bytes([k]) * 64, timeout=0)
+        assert c.recv(timeout=0) == bytes([k]) * 64
+    c.detach()
+    ok += 1
+print(ok, refused)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    ok, refused = map(int, done.stdout.split())
+    assert ok > 0 and refused > 0, (ok, refused)
+
+
 def test_an_array_description_rewritten_while_received():
     # Another process rewrites an array message's ndim, between 1 and 3000,
     # while recv_array reads it: only the value that was checked may be

@@ -576,20 +576,27 @@ uint64_t fmap_chan_size(uint64_t capacity, uint64_t msg_size)
     return round_up(header_size() + meta_size(capacity) + capacity * stride, fmap_page_size());
 }
 
-static int map_all(int fd, uint64_t size, fmap_chanmap *m, fmap_err *e)
+/* A channel's sizes as the opening process read them, once: any process
+   holding the channel can rewrite its header, so what is checked is this
+   copy, and the mapping is built from it alone (read again from the
+   header, a size rewritten after the check sent slot_at out of the map). */
+struct geometry {
+    uint64_t capacity, msg_size, stride, meta_offset, slots_offset, total_size;
+};
+
+static int map_all(int fd, const struct geometry *g, fmap_chanmap *m, fmap_err *e)
 {
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *p = mmap(NULL, g->total_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED)
         return fail(e, FMAP_ESYS, errno, "mmap");
-    struct fmap_chan *h = p;
-    m->h = h;
-    m->maplen = size;
-    m->meta = (char *)p + h->meta_offset;
-    m->slots = (char *)p + h->slots_offset;
-    m->capacity = h->capacity;
-    m->mask = h->capacity - 1;
-    m->msg_size = h->msg_size;
-    m->stride = h->stride;
+    m->h = p;
+    m->maplen = g->total_size;
+    m->meta = (char *)p + g->meta_offset;
+    m->slots = (char *)p + g->slots_offset;
+    m->capacity = g->capacity;
+    m->mask = g->capacity - 1;
+    m->msg_size = g->msg_size;
+    m->stride = g->stride;
     m->pid = 0;
     m->id = __atomic_add_fetch(&map_ids, 1, __ATOMIC_RELAXED);
     m->spin_cur = UINT64_MAX;   /* the first wait may spin for all of spin_max */
@@ -635,19 +642,35 @@ int fmap_chan_map(int fd, fmap_chanmap *m, fmap_err *e)
     struct fmap_chan *h = mmap(NULL, header_size(), PROT_READ, MAP_SHARED, fd, 0);
     if (h == MAP_FAILED)
         return fail(e, FMAP_ESYS, errno, "mmap");
-    int ok = memcmp(h->magic, CHAN_MAGIC, 8) == 0 && h->version == CHAN_VERSION &&
-             h->header_size == sizeof(struct fmap_chan) && h->nparts == FMAP_CHAN_PARTS &&
-             h->meta_offset == header_size() &&
-             h->slots_offset == header_size() + meta_size(h->capacity) &&
-             h->stride == stride_of(h->msg_size) &&
-             fmap_chan_size(h->capacity, h->msg_size) == h->total_size &&
-             h->total_size == (uint64_t)st.st_size;
-    uint64_t size = h->total_size;
+    /* Each field read once (atomic loads: the compiler may not read one
+       again), then only the copies are used. */
+    char magic[8];
+    memcpy(magic, h->magic, 8);
+    uint32_t version = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
+    uint32_t hsize = __atomic_load_n(&h->header_size, __ATOMIC_RELAXED);
+    uint32_t nparts = __atomic_load_n(&h->nparts, __ATOMIC_RELAXED);
+    struct geometry g = {
+        .capacity = __atomic_load_n(&h->capacity, __ATOMIC_RELAXED),
+        .msg_size = __atomic_load_n(&h->msg_size, __ATOMIC_RELAXED),
+        .stride = __atomic_load_n(&h->stride, __ATOMIC_RELAXED),
+        .meta_offset = __atomic_load_n(&h->meta_offset, __ATOMIC_RELAXED),
+        .slots_offset = __atomic_load_n(&h->slots_offset, __ATOMIC_RELAXED),
+        .total_size = __atomic_load_n(&h->total_size, __ATOMIC_RELAXED),
+    };
     munmap(h, header_size());
+    /* fmap_chan_size first: it refuses a capacity that is not a power of
+       two or too large, before meta_size multiplies it. */
+    uint64_t size = fmap_chan_size(g.capacity, g.msg_size);
+    int ok = memcmp(magic, CHAN_MAGIC, 8) == 0 && version == CHAN_VERSION &&
+             hsize == sizeof(struct fmap_chan) && nparts == FMAP_CHAN_PARTS &&
+             size != 0 && size == g.total_size && g.total_size == (uint64_t)st.st_size &&
+             g.meta_offset == header_size() &&
+             g.slots_offset == header_size() + meta_size(g.capacity) &&
+             g.stride == stride_of(g.msg_size);
     if (!ok)
         return fail(e, FMAP_ECORRUPT, 0,
                     "the channel's header has a wrong magic, version or sizes");
-    if (map_all(fd, size, m, e) != FMAP_OK)
+    if (map_all(fd, &g, m, e) != FMAP_OK)
         return e->status;
     if (join(m, e) != FMAP_OK) {
         munmap(m->h, m->maplen);
