@@ -546,6 +546,60 @@ def test_fuzz_names(text):
             fmap.Mutex.open("fz-" + text)
 
 
+@pytest.mark.parametrize("kind", ["mutex", "event", "semaphore"])
+def test_a_header_rewritten_after_open_changes_nothing(kind):
+    # The type, flags and maximum are read once, when a handle opens the
+    # object, and kept in the handle: a process rewriting them in the page
+    # later cannot make the handle act as another kind of object.  Before,
+    # an owned mutex retyped as an event was unmapped by close() while
+    # glibc's robust list still pointed into it, and the next robust lock
+    # (the registry's) segfaulted.  In a child, so that a crash fails this
+    # test only.
+    from children import run_python
+    code = f"""
+import mmap, os, struct
+import fmap
+MUTEX, SEMAPHORE, EVENT, MANUAL = 2, 3, 4, 2     # fmap.h
+TYPE_AT, FLAGS_AT, MAXIMUM_AT = 12, 20, 24       # struct sync_page, sync_linux.c
+kind = {kind!r}
+if kind == "mutex":
+    obj = fmap.Mutex.create()
+elif kind == "event":
+    obj = fmap.Event.create()                     # auto reset
+else:
+    obj = fmap.Semaphore.create(None, 0, 1)
+fd = obj.__reduce__()[1][4]
+with open(f"/proc/self/fd/{{fd}}", "r+b") as f:
+    page = mmap.mmap(f.fileno(), 4096)
+pk = lambda at, v: struct.pack_into("=I", page, at, v)
+if kind == "mutex":
+    obj.acquire()
+    pk(TYPE_AT, EVENT)
+    obj.close()                                   # still owned: the page stays mapped
+    fmap.Event.create("fmap-test-retyped-" + str(os.getpid())).close()
+    print("ok")
+elif kind == "event":
+    pk(TYPE_AT, MUTEX)
+    pk(FLAGS_AT, MANUAL)
+    print(obj.wait(0))                            # unset: False (not a free mutex)
+    obj.set()
+    print(obj.wait(0), obj.wait(0))               # auto reset still: True False
+else:
+    pk(TYPE_AT, MUTEX)
+    pk(MAXIMUM_AT, 100)
+    print(obj.acquire(0))                         # count 0: False (not a free mutex)
+    obj.release()
+    try:
+        obj.release()                             # over the maximum of 1
+    except ValueError as exc:
+        print(exc.winerror)                       # 298, ERROR_TOO_MANY_POSTS
+"""
+    done = run_python(code)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    assert done.stdout.split() == {"mutex": [b"ok"], "event": [b"False", b"True", b"False"],
+                                   "semaphore": [b"False", b"298"]}[kind]
+
+
 def test_open_refuses_a_mismatched_header(name, closer):
     import mmap
     import os

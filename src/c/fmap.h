@@ -197,7 +197,8 @@ enum fmap_wait {
 #define FMAP_SYNC_MANUAL 2u    /* event: manual reset */
 #define FMAP_WAIT_MAX 64       /* objects in one wait_any (MAXIMUM_WAIT_OBJECTS) */
 
-typedef struct fmap_sync fmap_sync;   /* the shared page */
+typedef struct fmap_sync fmap_sync;   /* a handle: our mapping of the shared page, and the
+                                         type, flags and maximum read when it was opened */
 
 /* What create makes; fmap_sync_init's context. */
 typedef struct {

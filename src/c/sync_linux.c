@@ -54,11 +54,11 @@
 #define SYNC_VERSION 1u
 #define FUTEX_32_FLAG 2u            /* futex_waitv: a 32-bit word; shared (no FUTEX2_PRIVATE) */
 
-struct fmap_sync {
+struct sync_page {
     char magic[8];          /* written last by init */
     uint32_t version;
     uint32_t type;          /* FMAP_T_* */
-    uint32_t size;          /* sizeof(struct fmap_sync) of the creator */
+    uint32_t size;          /* sizeof(struct sync_page) of the creator */
     uint32_t mutex_size;    /* sizeof(pthread_mutex_t) of the creator */
     uint32_t flags;         /* FMAP_SYNC_*, fixed at creation */
     uint32_t maximum;       /* semaphore: maximum count, fixed at creation */
@@ -72,6 +72,18 @@ struct fmap_sync {
         uint32_t pad;
         pthread_mutex_t m;      /* mutex: robust, recursive, process-shared */
     } st __attribute__((aligned(64)));
+};
+
+/* A handle: its mapping of the page, and what the page's header said when
+   the handle was opened, checked then and never read from the page again
+   (any process holding the object can rewrite the page: a type read anew
+   would let it make an event's handle run pthread code on a forged mutex,
+   or a mutex's close() unmap a page the robust list still points into). */
+struct fmap_sync {
+    struct sync_page *p;
+    uint32_t type;          /* FMAP_T_* */
+    uint32_t flags;         /* FMAP_SYNC_* */
+    uint32_t maximum;       /* semaphore */
 };
 
 /* The robust-futex word the kernel reads is glibc's __lock, the mutex's first
@@ -125,17 +137,17 @@ static uint32_t load(const uint32_t *w)
 }
 
 
-static uint32_t mutex_word(struct fmap_sync *s)
+static uint32_t mutex_word(struct sync_page *s)
 {
     return __atomic_load_n((uint32_t *)&s->st.m, __ATOMIC_RELAXED);
 }
 
 /* Does a live thread of this process own the mutex? */
-static int owned_here(struct fmap_sync *s)
+static int owned_here(const fmap_sync *h)
 {
-    if (s->type != FMAP_T_MUTEX)
+    if (h->type != FMAP_T_MUTEX)
         return 0;
-    uint32_t tid = mutex_word(s) & FUTEX_TID_MASK;
+    uint32_t tid = mutex_word(h->p) & FUTEX_TID_MASK;
     if (!tid)
         return 0;
     if ((int)tid == my_tid())
@@ -145,7 +157,7 @@ static int owned_here(struct fmap_sync *s)
 
 /* wait_any sleepers watch seq: bump it, and wake them only if there are any.
    The bump is a full barrier, ordering the release before the sleeper check. */
-static void seq_signal(struct fmap_sync *s)
+static void seq_signal(struct sync_page *s)
 {
     __atomic_add_fetch(&s->st.seq, 1, __ATOMIC_SEQ_CST);
     if (load(&s->st.seq_waiters))
@@ -157,10 +169,10 @@ static void seq_signal(struct fmap_sync *s)
 size_t fmap_sync_size(void)
 {
     size_t page = fmap_page_size();
-    return sizeof(struct fmap_sync) > page ? sizeof(struct fmap_sync) : page;
+    return sizeof(struct sync_page) > page ? sizeof(struct sync_page) : page;
 }
 
-static int map_page(int fd, struct fmap_sync **out, fmap_err *e)
+static int map_page(int fd, struct sync_page **out, fmap_err *e)
 {
     void *p = mmap(NULL, fmap_sync_size(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED)
@@ -169,17 +181,38 @@ static int map_page(int fd, struct fmap_sync **out, fmap_err *e)
     return FMAP_OK;
 }
 
+static fmap_sync *new_handle(struct sync_page *p, uint32_t type, uint32_t flags,
+                             uint32_t maximum, fmap_err *e)
+{
+    fmap_sync *h = malloc(sizeof *h);
+    if (!h) {
+        fail(e, FMAP_ESYS, ENOMEM, "malloc");
+        return NULL;
+    }
+    h->p = p;
+    h->type = type;
+    h->flags = flags;
+    h->maximum = maximum;
+    return h;
+}
+
 int fmap_sync_init(void *ctx, int fd, fmap_err *e)
 {
     fmap_syncspec *sp = ctx;
-    struct fmap_sync *s;
+    struct sync_page *s;
     sp->page = NULL;
     if (map_page(fd, &s, e) != FMAP_OK)
         return e->status;
+    fmap_sync *h = new_handle(s, sp->type, sp->flags,
+                              sp->type == FMAP_T_SEMAPHORE ? sp->maximum : 0, e);
+    if (!h) {
+        munmap(s, fmap_sync_size());
+        return e->status;
+    }
     /* A new memfd reads zeros: only the non-zero fields are written. */
     s->version = SYNC_VERSION;
     s->type = sp->type;
-    s->size = sizeof(struct fmap_sync);
+    s->size = sizeof(struct sync_page);
     s->mutex_size = sizeof(pthread_mutex_t);
     s->flags = sp->flags;
     if (sp->type == FMAP_T_MUTEX) {
@@ -192,6 +225,7 @@ int fmap_sync_init(void *ctx, int fd, fmap_err *e)
         pthread_mutexattr_destroy(&a);
         if (rc != 0) {
             munmap(s, fmap_sync_size());
+            free(h);
             return fail(e, FMAP_ESYS, rc, "pthread_mutex_init");
         }
         /* CreateMutex(bInitialOwner): owned before anyone can open it.  The
@@ -207,91 +241,108 @@ int fmap_sync_init(void *ctx, int fd, fmap_err *e)
     }
     __atomic_thread_fence(__ATOMIC_RELEASE);
     memcpy(s->magic, SYNC_MAGIC, 8);
-    sp->page = s;
+    sp->page = h;
     return FMAP_OK;
 }
 
 int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e)
 {
     struct stat st;
-    struct fmap_sync *s;
+    struct sync_page *s;
     if (fstat(fd, &st) != 0)
         return fail(e, FMAP_ESYS, errno, "fstat");
-    if ((uint64_t)st.st_size < sizeof(struct fmap_sync))
+    if ((uint64_t)st.st_size < sizeof(struct sync_page))
         return fail(e, FMAP_ECORRUPT, 0, "the object is smaller than a synchronization object");
     if (map_page(fd, &s, e) != FMAP_OK)
         return e->status;
+    /* The handle takes the type asked for (the one checked) and the flags
+       and maximum as read now, once. */
+    uint32_t flags = __atomic_load_n(&s->flags, __ATOMIC_RELAXED);
+    uint32_t maximum = __atomic_load_n(&s->maximum, __ATOMIC_RELAXED);
     if (memcmp(s->magic, SYNC_MAGIC, 8) != 0 || s->version != SYNC_VERSION ||
-        s->type != type || s->size != sizeof(struct fmap_sync) ||
+        s->type != type || s->size != sizeof(struct sync_page) ||
         s->mutex_size != sizeof(pthread_mutex_t)) {
         munmap(s, fmap_sync_size());
         return fail(e, FMAP_ECORRUPT, 0,
                     "the object's header has a wrong magic, version, type or size");
     }
-    *out = s;
+    fmap_sync *h = new_handle(s, type, flags, type == FMAP_T_SEMAPHORE ? maximum : 0, e);
+    if (!h) {
+        munmap(s, fmap_sync_size());
+        return e->status;
+    }
+    *out = h;
     return FMAP_OK;
 }
 
-/* Pages of closed handles whose mutex a thread of ours still owned. */
+static void drop_handle(fmap_sync *h)
+{
+    munmap(h->p, fmap_sync_size());
+    free(h);
+}
+
+/* Handles closed while a thread of ours still owned their mutex. */
 struct retired {
     struct retired *next;
-    struct fmap_sync *s;
+    fmap_sync *h;
 };
 static struct retired *g_retired;
 static pthread_mutex_t g_retired_lock = PTHREAD_MUTEX_INITIALIZER;
 
-void fmap_sync_unmap(fmap_sync *s)
+void fmap_sync_unmap(fmap_sync *h)
 {
     pthread_mutex_lock(&g_retired_lock);
     for (struct retired **link = &g_retired; *link;) {
         struct retired *r = *link;
-        if (owned_here(r->s)) {
+        if (owned_here(r->h)) {
             link = &r->next;
             continue;
         }
-        munmap(r->s, fmap_sync_size());
+        drop_handle(r->h);
         *link = r->next;
         free(r);
     }
-    if (s) {
+    if (h) {
         /* glibc's robust list links the mutexes a thread owns through the
            mutexes themselves, at this mapping's address: unmapping it now
            would let the kernel write into whatever is mapped there next when
            the thread exits.  Keep it until the mutex is released. */
-        struct retired *r = owned_here(s) ? malloc(sizeof *r) : NULL;
+        struct retired *r = owned_here(h) ? malloc(sizeof *r) : NULL;
         if (r) {
-            r->s = s;
+            r->h = h;
             r->next = g_retired;
             g_retired = r;
-        } else if (!owned_here(s)) {
-            munmap(s, fmap_sync_size());
+        } else if (!owned_here(h)) {
+            drop_handle(h);
         }   /* else out of memory: leave it mapped for good */
     }
     pthread_mutex_unlock(&g_retired_lock);
 }
 
-void fmap_sync_discard(fmap_sync *s)
+void fmap_sync_discard(fmap_sync *h)
 {
-    if (s->type == FMAP_T_MUTEX && (mutex_word(s) & FUTEX_TID_MASK) == (uint32_t)my_tid()) {
+    struct sync_page *s = h->p;
+    if (h->type == FMAP_T_MUTEX && (mutex_word(s) & FUTEX_TID_MASK) == (uint32_t)my_tid()) {
         s->st.depth = 0;
         pthread_mutex_unlock(&s->st.m);
     }
-    munmap(s, fmap_sync_size());
+    drop_handle(h);
 }
 
-void fmap_sync_state(fmap_sync *s, fmap_syncstate *st)
+void fmap_sync_state(fmap_sync *h, fmap_syncstate *st)
 {
+    struct sync_page *s = h->p;
     memset(st, 0, sizeof *st);
-    st->type = s->type;
-    st->maximum = s->maximum;
-    st->manual = (s->flags & FMAP_SYNC_MANUAL) != 0;
-    if (s->type == FMAP_T_MUTEX) {
+    st->type = h->type;
+    st->maximum = h->maximum;
+    st->manual = (h->flags & FMAP_SYNC_MANUAL) != 0;
+    if (h->type == FMAP_T_MUTEX) {
         uint32_t w = mutex_word(s);
         st->owner = (int32_t)(w & FUTEX_TID_MASK);
         st->mine = st->owner && st->owner == my_tid();
         st->depth = st->owner ? s->st.depth : 0;
         st->abandoned = !st->owner && (w & FUTEX_OWNER_DIED);
-    } else if (s->type == FMAP_T_SEMAPHORE) {
+    } else if (h->type == FMAP_T_SEMAPHORE) {
         st->count = load(&s->st.word);
     } else {
         st->set = load(&s->st.word) != 0;
@@ -301,7 +352,7 @@ void fmap_sync_state(fmap_sync *s, fmap_syncstate *st)
 /* ---- acquiring ---------------------------------------------------------- */
 
 /* The outcome of a pthread lock call: FMAP_OK, FMAP_WAIT_TIMEOUT or an error. */
-static int mutex_got(struct fmap_sync *s, int rc, int *depth, int *abandoned, fmap_err *e)
+static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fmap_err *e)
 {
     if (rc == EOWNERDEAD) {
         /* WAIT_ABANDONED: its owner died holding it; we own it now, and the
@@ -324,7 +375,7 @@ static int mutex_got(struct fmap_sync *s, int rc, int *depth, int *abandoned, fm
     return fail(e, FMAP_ESYS, rc, "pthread_mutex_lock");
 }
 
-static int mutex_lock_until(struct fmap_sync *s, uint64_t deadline)
+static int mutex_lock_until(struct sync_page *s, uint64_t deadline)
 {
 #if HAVE_CLOCKLOCK
     struct timespec ts = ns_ts(deadline);
@@ -340,47 +391,51 @@ static int mutex_lock_until(struct fmap_sync *s, uint64_t deadline)
 }
 
 /* Take one unit of a semaphore or event; 1 when taken. */
-static int take(struct fmap_sync *s)
+static int take(const fmap_sync *h)
 {
+    struct sync_page *s = h->p;
     uint32_t c = load(&s->st.word);
-    if (s->type == FMAP_T_SEMAPHORE) {
+    if (h->type == FMAP_T_SEMAPHORE) {
         while (c > 0)
             if (__atomic_compare_exchange_n(&s->st.word, &c, c - 1, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_SEQ_CST))
                 return 1;
         return 0;
     }
-    if (s->flags & FMAP_SYNC_MANUAL)
+    if (h->flags & FMAP_SYNC_MANUAL)
         return c != 0;
     /* Auto-reset: exactly one waiter turns the event from set to unset. */
     return c != 0 && __atomic_compare_exchange_n(&s->st.word, &c, 0, 0, __ATOMIC_SEQ_CST,
                                                  __ATOMIC_SEQ_CST);
 }
 
-static int looks_free(struct fmap_sync *s)
+static int looks_free(const fmap_sync *h)
 {
-    if (s->type == FMAP_T_MUTEX) {
+    struct sync_page *s = h->p;
+    if (h->type == FMAP_T_MUTEX) {
         uint32_t w = mutex_word(s);
         return !(w & FUTEX_TID_MASK) || (int)(w & FUTEX_TID_MASK) == my_tid();
     }
     return __atomic_load_n(&s->st.word, __ATOMIC_RELAXED) != 0;
 }
 
-int fmap_sync_trywait(fmap_sync *s, int *depth, int *abandoned, fmap_err *e)
+int fmap_sync_trywait(fmap_sync *h, int *depth, int *abandoned, fmap_err *e)
 {
+    struct sync_page *s = h->p;
     *abandoned = 0;
-    if (s->type == FMAP_T_MUTEX)
+    if (h->type == FMAP_T_MUTEX)
         return mutex_got(s, pthread_mutex_trylock(&s->st.m), depth, abandoned, e);
-    return take(s) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
+    return take(h) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
 }
 
 /* Sleep on a semaphore's or event's word until taken or deadline. */
-static int word_wait(struct fmap_sync *s, uint64_t deadline, fmap_err *e)
+static int word_wait(const fmap_sync *h, uint64_t deadline, fmap_err *e)
 {
+    struct sync_page *s = h->p;
     int rc;
     __atomic_add_fetch(&s->st.waiters, 1, __ATOMIC_SEQ_CST);
     for (;;) {
-        if (take(s)) {
+        if (take(h)) {
             rc = FMAP_OK;
             break;
         }
@@ -390,7 +445,7 @@ static int word_wait(struct fmap_sync *s, uint64_t deadline, fmap_err *e)
         if (r == 0)
             continue;
         if (r == ETIMEDOUT || r == EINTR) {
-            rc = take(s) ? FMAP_OK : r == EINTR ? FMAP_WAIT_INTR : FMAP_WAIT_TIMEOUT;
+            rc = take(h) ? FMAP_OK : r == EINTR ? FMAP_WAIT_INTR : FMAP_WAIT_TIMEOUT;
             break;
         }
         rc = fail(e, FMAP_ESYS, r, "futex wait");
@@ -434,7 +489,7 @@ static int spin_more(spinner *sp)
     return 1;
 }
 
-int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int *depth,
+int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int *depth,
                    int *abandoned, fmap_err *e)
 {
     *abandoned = 0;
@@ -442,16 +497,16 @@ int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int *depth
         spinner sp;
         spin_start(&sp, spin_ns, deadline);
         do {
-            if (looks_free(s)) {
-                int rc = fmap_sync_trywait(s, depth, abandoned, e);
+            if (looks_free(h)) {
+                int rc = fmap_sync_trywait(h, depth, abandoned, e);
                 if (rc != FMAP_WAIT_TIMEOUT)
                     return rc;
             }
         } while (spin_more(&sp));
     }
-    if (s->type == FMAP_T_MUTEX)
-        return mutex_got(s, mutex_lock_until(s, deadline), depth, abandoned, e);
-    return word_wait(s, deadline, e);
+    if (h->type == FMAP_T_MUTEX)
+        return mutex_got(h->p, mutex_lock_until(h->p, deadline), depth, abandoned, e);
+    return word_wait(h, deadline, e);
 }
 
 int fmap_sync_try_any(fmap_sync *const *v, int n, int *index, int *depth, int *abandoned,
@@ -491,13 +546,13 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         } while (spin_more(&sp));
     }
     for (int i = 0; i < n; i++)
-        __atomic_add_fetch(&v[i]->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
     for (;;) {
         /* Snapshot before trying: a release after the try changes seq, and
            futex_waitv then returns at once. */
         for (int i = 0; i < n; i++) {
-            w[i].val = load(&v[i]->st.seq);
-            w[i].uaddr = (uint64_t)(uintptr_t)&v[i]->st.seq;
+            w[i].val = load(&v[i]->p->st.seq);
+            w[i].uaddr = (uint64_t)(uintptr_t)&v[i]->p->st.seq;
             w[i].flags = FUTEX_32_FLAG;
             w[i].reserved = 0;
         }
@@ -535,14 +590,15 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         break;
     }
     for (int i = 0; i < n; i++)
-        __atomic_sub_fetch(&v[i]->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+        __atomic_sub_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
     return rc;
 }
 
 /* ---- releasing ---------------------------------------------------------- */
 
-int fmap_mutex_release(fmap_sync *s, fmap_err *e)
+int fmap_mutex_release(fmap_sync *h, fmap_err *e)
 {
+    struct sync_page *s = h->p;
     if ((mutex_word(s) & FUTEX_TID_MASK) != (uint32_t)my_tid())
         return fail(e, FMAP_ENOTOWNER, EPERM, "mutex release");
     uint32_t depth = s->st.depth;
@@ -557,12 +613,13 @@ int fmap_mutex_release(fmap_sync *s, fmap_err *e)
     return FMAP_OK;
 }
 
-int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e)
+int fmap_sem_release(fmap_sync *h, uint32_t n, uint32_t *prev, fmap_err *e)
 {
+    struct sync_page *s = h->p;
     uint32_t c = load(&s->st.word);
     do {
         /* ERROR_TOO_MANY_POSTS leaves the count as it was. */
-        if ((uint64_t)c + n > s->maximum)
+        if ((uint64_t)c + n > h->maximum)
             return fail(e, FMAP_ELIMIT, EOVERFLOW, "semaphore release");
     } while (!__atomic_compare_exchange_n(&s->st.word, &c, c + n, 0, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
@@ -573,18 +630,20 @@ int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e)
     return FMAP_OK;
 }
 
-void fmap_event_set(fmap_sync *s)
+void fmap_event_set(fmap_sync *h)
 {
+    struct sync_page *s = h->p;
     if (__atomic_exchange_n(&s->st.word, 1, __ATOMIC_SEQ_CST) != 0)
         return;     /* already set: SetEvent has no further effect */
     /* Manual reset releases every waiter; auto reset exactly one (the one
        woken takes it, or a newcomer does and the sleepers stay asleep). */
     if (load(&s->st.waiters))
-        futex_wake(&s->st.word, (s->flags & FMAP_SYNC_MANUAL) ? INT_MAX : 1);
+        futex_wake(&s->st.word, (h->flags & FMAP_SYNC_MANUAL) ? INT_MAX : 1);
     seq_signal(s);
 }
 
-void fmap_event_reset(fmap_sync *s)
+void fmap_event_reset(fmap_sync *h)
 {
+    struct sync_page *s = h->p;
     __atomic_store_n(&s->st.word, 0, __ATOMIC_SEQ_CST);
 }
