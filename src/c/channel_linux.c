@@ -433,10 +433,9 @@ static int part_dead(struct fmap_chan *h, uint32_t i)
     return start && now && now != start;
 }
 
-/* Take n sleepers of dead records out of a side's count, never below 0:
-   a record's count could have been written by any process holding the
-   channel, and a wrapped total would make every publish pay for a
-   futex_wake. */
+/* Take n sleepers out of a side's total, never below 0: a dead record's
+   count could have been written by any process holding the channel, and a
+   wrapped total would make every publish pay for a futex_wake. */
 static void uncount(uint32_t *sleepers, uint32_t n)
 {
     uint32_t cur = __atomic_load_n(sleepers, __ATOMIC_SEQ_CST);
@@ -445,18 +444,14 @@ static void uncount(uint32_t *sleepers, uint32_t n)
         ;
 }
 
-#define DEAD_WORDS (FMAP_CHAN_PARTS / 64)
-
-/* The records in `dead` (a bitmap) are of dead processes: give back every
-   slot they claim and take their sleepers out of the counts (a sleeper
-   killed while counted would otherwise make every later publish pay for a
-   futex_wake).  One walk of the ring for them all: a walk per record made
-   1000 dead records cost a capacity-2^24 channel 17 s.  The caller has
-   moved each record's pid from the dead one to its own or to REAPING. */
-static void reap_set(fmap_chanmap *m, const uint64_t *dead)
+/* Record i's process is dead: give back every slot it claims and take its
+   sleepers out of the counts (a sleeper killed while counted would otherwise
+   make every later publish pay for a futex_wake).  The caller has moved the
+   record's pid from the dead one to its own or to REAPING. */
+static void reap(fmap_chanmap *m, uint32_t i)
 {
     struct fmap_chan *h = m->h;
-    /* Their newest claims may be still unnamed: name them first. */
+    /* Its newest claims may be still unnamed: name them first. */
     name_newest(m, HEAD);
     name_newest(m, TAIL);
     /* Only slots some claim has reached, all behind the head (consumers
@@ -469,37 +464,34 @@ static void reap_set(fmap_chanmap *m, const uint64_t *dead)
         end = m->capacity;
     for (uint64_t k = 0; k < end; k++) {
         uint64_t w = load_word(m, k);
-        uint32_t st = W_STATE(w), owner = W_OWNER(w);
-        if ((st == S_WRITING || st == S_READING) && (dead[owner / 64] >> (owner % 64) & 1))
+        uint32_t st = W_STATE(w);
+        if ((st == S_WRITING || st == S_READING) && W_OWNER(w) == i)
             free_dead(m, k, w);
     }
-    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
-        if (!(dead[i / 64] >> (i % 64) & 1))
-            continue;
-        uncount(&h->data.sleepers,
-                __atomic_exchange_n(&h->parts[i].sleeping[0], 0, __ATOMIC_SEQ_CST));
-        uncount(&h->space.sleepers,
-                __atomic_exchange_n(&h->parts[i].sleeping[1], 0, __ATOMIC_SEQ_CST));
-    }
+    uncount(&h->data.sleepers,
+            __atomic_exchange_n(&h->parts[i].sleeping[0], 0, __ATOMIC_SEQ_CST));
+    uncount(&h->space.sleepers,
+            __atomic_exchange_n(&h->parts[i].sleeping[1], 0, __ATOMIC_SEQ_CST));
     fmap_chan_wake_consumers(m, INT_MAX);
     fmap_chan_wake_producers(m, INT_MAX);
 }
 
-static void reap(fmap_chanmap *m, uint32_t i)
-{
-    uint64_t dead[DEAD_WORDS] = {0};
-    dead[i / 64] = UINT64_C(1) << (i % 64);
-    reap_set(m, dead);
-}
+/* Dead sleepers' records reaped by one call at most: each reap walks the
+   ring, with the caller's GIL held, and records written to look like dead
+   sleepers (any process holding the channel can) made 1000 walks, 17 s at
+   capacity 2^24.  The rest wait for a later call (the next 1024 wakes that
+   find nobody, or stats()).  One record at a time, each back to free as
+   soon as it is reaped: a reaper killed meanwhile strands one record (left
+   REAPING for good), not all it had taken. */
+#define REAP_MAX 4u
 
 /* Wakes found nobody asleep many times over: a sleeper may have died counted.
    Give back the records of dead processes that were sleeping. */
 static void reap_sleepers(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
-    uint64_t dead[DEAD_WORDS] = {0};
-    int any = 0;
-    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
+    uint32_t reaped = 0;
+    for (uint32_t i = 0; i < FMAP_CHAN_PARTS && reaped < REAP_MAX; i++) {
         uint32_t pid = __atomic_load_n(&h->parts[i].pid, __ATOMIC_SEQ_CST);
         if (pid == 0 || pid == REAPING ||
             !(__atomic_load_n(&h->parts[i].sleeping[0], __ATOMIC_SEQ_CST) |
@@ -508,18 +500,11 @@ static void reap_sleepers(fmap_chanmap *m)
             continue;
         if (__atomic_compare_exchange_n(&h->parts[i].pid, &pid, REAPING, 0,
                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-            dead[i / 64] |= UINT64_C(1) << (i % 64);
-            any = 1;
+            reap(m, i);
+            __atomic_store_n(&h->parts[i].start, 0, __ATOMIC_SEQ_CST);
+            __atomic_store_n(&h->parts[i].pid, 0, __ATOMIC_SEQ_CST);
+            reaped++;
         }
-    }
-    if (!any)
-        return;
-    reap_set(m, dead);
-    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
-        if (!(dead[i / 64] >> (i % 64) & 1))
-            continue;
-        __atomic_store_n(&h->parts[i].start, 0, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&h->parts[i].pid, 0, __ATOMIC_SEQ_CST);
     }
 }
 
@@ -1168,7 +1153,7 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
             uint64_t check = dead_check_at(m, side, now);
             int err = futex_wait_until(seq, v, deadline < check ? deadline : check);
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
-            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+            uncount(sleepers, 1);       /* a forged dead record may have taken ours */
             now = fmap_clock_ns();
             if (err == EINTR) {
                 adapt(m, now - start, now, spin_max);
@@ -1179,7 +1164,7 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
                 continue;
         } else {
             __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
-            __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+            uncount(sleepers, 1);
             now = fmap_clock_ns();
         }
         if (rc == FMAP_OK)
