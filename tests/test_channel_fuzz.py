@@ -1176,6 +1176,18 @@ print(ok, refused)
 HEAD_AT, TAIL_AT, PARTS_AT, PART = 256, 384, 768, struct.Struct("=IIQII8x")
 
 
+def forge_dead_sleepers(mem, cap):
+    """Records 8..1023 rewritten as a dead process (a pid past pid_max)
+    counted asleep on both sides, and the cursors moved past the first lap,
+    so that a reap walks every slot; the records' indices."""
+    for at in (HEAD_AT, TAIL_AT):
+        struct.pack_into("=Q", mem, at, (4 * cap) << 10)
+    forged = range(8, 1024)
+    for i in forged:
+        PART.pack_into(mem, PARTS_AT + PART.size * i, 0x3FFFFFF0, 0, 1, 1, 1)
+    return forged
+
+
 def test_forged_dead_sleepers_are_reaped_a_few_at_a_time_without_wrapping_the_counts():
     # Every free participant record rewritten as a dead process counted
     # asleep on both sides, more sleepers than the totals hold.  stats()
@@ -1187,14 +1199,10 @@ def test_forged_dead_sleepers_are_reaped_a_few_at_a_time_without_wrapping_the_co
     ch = fmap.Channel.create(None, cap, message_size=16)
     mem = scribbler(ch)
     try:
-        for at in (HEAD_AT, TAIL_AT):               # past the first lap: every slot
-            struct.pack_into("=Q", mem, at, (4 * cap) << 10)
-        forged = range(8, 1024)
+        forged = forge_dead_sleepers(mem, cap)
 
         def left():
             return sum(PART.unpack_from(mem, PARTS_AT + PART.size * i)[0] != 0 for i in forged)
-        for i in forged:
-            PART.pack_into(mem, PARTS_AT + PART.size * i, 0x3FFFFFF0, 0, 1, 1, 1)
         st = ch.stats()
         assert (st["consumers_sleeping"], st["producers_sleeping"]) == (0, 0), st
         assert 0 < len(forged) - left() <= 8           # a few records a call
@@ -1217,11 +1225,7 @@ def test_a_reaper_killed_while_reaping_strands_one_record_at_most():
     ch = fmap.Channel.create(None, cap, message_size=16)
     mem = scribbler(ch)
     try:
-        for at in (HEAD_AT, TAIL_AT):
-            struct.pack_into("=Q", mem, at, (4 * cap) << 10)
-        forged = range(8, 1024)
-        for i in forged:
-            PART.pack_into(mem, PARTS_AT + PART.size * i, 0x3FFFFFF0, 0, 1, 1, 1)
+        forged = forge_dead_sleepers(mem, cap)
         pid = os.fork()
         if pid == 0:                                # the reaper
             try:
