@@ -272,3 +272,51 @@ def test_registry_file_with_wrong_mode_is_refused(tmp_path, monkeypatch, name):
     os.chmod(d / "registry.v1", 0o644)
     with pytest.raises(PermissionError, match="registry file"):
         _create_under(monkeypatch, d, name)
+
+
+@pytest.mark.parametrize("forge", ["index", "chains", "cycles"])
+def test_a_forged_registry_costs_names_not_the_process(tmp_path, forge):
+    # The registry file is the user's own, writable by any of the user's
+    # processes: index values and holder links out of range, or chains that
+    # loop, end a lookup (the names behind them may be lost); they never
+    # send it outside the tables (a forged index crashed the next open) or
+    # keep it walking with the lock held.  In a child with a registry of its
+    # own, so that a crash fails this test only.
+    code = f"""
+import mmap, os, struct
+import fmap
+INDEX_AT, NINDEX, NENTRIES, ENTRY, HOLDER = 4096, 32768, 16384, 64 + 256, 40   # fmap_linux.c
+ENTRIES_AT = INDEX_AT + 4 * NINDEX
+HOLDERS_AT = ENTRIES_AT + ENTRY * NENTRIES
+keep = [fmap.Event.create(f"fmap-test-forged-{{k}}") for k in range(3)]
+with open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v1"), "r+b") as f:
+    mem = mmap.mmap(f.fileno(), 0)
+forge = {forge!r}
+if forge == "index":
+    for s in range(NINDEX):
+        struct.pack_into("=I", mem, INDEX_AT + 4 * s, 0x7FFFFFF0)
+for e in range(NENTRIES):
+    at = ENTRIES_AT + ENTRY * e
+    if struct.unpack_from("=I", mem, at)[0] != 1:          # E_LIVE
+        continue
+    head = struct.unpack_from("=I", mem, at + 48)[0]
+    if forge == "chains":
+        struct.pack_into("=I", mem, at + 48, 0x7FFFFFF0)
+    elif forge == "cycles" and head:
+        struct.pack_into("=I", mem, HOLDERS_AT + HOLDER * (head - 1) + 8, head)
+outcomes = []
+for k in range(4):                                          # the last never existed
+    try:
+        fmap.Event.open(f"fmap-test-forged-{{k}}").close()
+        outcomes.append("opened")
+    except FileNotFoundError:
+        outcomes.append("lost")
+new = fmap.Event.create("fmap-test-forged-new")             # the registry still works
+fmap.Event.open("fmap-test-forged-new").close()
+print(" ".join(outcomes))
+"""
+    env = dict(os.environ, FMAP_RUNTIME_DIR=str(tmp_path / "rt"))
+    done = run_python(code, env=env)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    outcomes = done.stdout.split()
+    assert outcomes[3] == b"lost" and len(outcomes) == 4, outcomes

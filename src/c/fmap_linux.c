@@ -715,6 +715,16 @@ static uint32_t key_hash(const char *key, size_t len)
 
 /* ---- the registry: index and chains (all derived data) --------------------- */
 
+/* Index values and chain links are read from the file, which any process of
+   the user can write: one out of range ends a probe or a chain (the names
+   behind it may be lost, as if their holders were gone; no memory outside
+   the tables is touched), and no walk takes more steps than there are
+   records, so a forged cycle cannot hold the lock for good. */
+static int link_ok(uint32_t link)
+{
+    return link != 0 && link <= REG_NHOLDERS;
+}
+
 static int64_t idx_lookup(fmap_reg *r, const char *key, size_t len, uint32_t hash)
 {
     uint32_t mask = REG_NINDEX - 1;
@@ -722,7 +732,7 @@ static int64_t idx_lookup(fmap_reg *r, const char *key, size_t len, uint32_t has
         uint32_t v = r->index[s];
         if (v == IDX_EMPTY)
             return -1;
-        if (v == IDX_TOMB)
+        if (v == IDX_TOMB || v > REG_NENTRIES)
             continue;
         reg_entry *en = &r->entries[v - 1];
         if (en->state == E_LIVE && en->hash == hash && en->keylen == len &&
@@ -732,10 +742,12 @@ static int64_t idx_lookup(fmap_reg *r, const char *key, size_t len, uint32_t has
     return -1;
 }
 
+static void idx_rebuild(fmap_reg *r);
+
 static void idx_insert(fmap_reg *r, uint32_t ei)
 {
     uint32_t mask = REG_NINDEX - 1;
-    for (uint32_t s = r->entries[ei].hash & mask;; s = (s + 1) & mask) {
+    for (uint32_t i = 0, s = r->entries[ei].hash & mask; i < REG_NINDEX; i++, s = (s + 1) & mask) {
         uint32_t v = r->index[s];
         if (v == IDX_EMPTY || v == IDX_TOMB) {
             if (v == IDX_TOMB)
@@ -744,6 +756,9 @@ static void idx_insert(fmap_reg *r, uint32_t ei)
             return;
         }
     }
+    /* No free slot: the index was overwritten (it holds twice the entries).
+       Rebuilt from the entries, it has room, and ei if it is live. */
+    idx_rebuild(r);
 }
 
 static void idx_rebuild(fmap_reg *r)
@@ -782,7 +797,7 @@ static void chain_add(fmap_reg *r, uint32_t ei, uint32_t hi)
 static void chain_remove(fmap_reg *r, uint32_t ei, uint32_t hi)
 {
     uint32_t *link = &r->entries[ei].head;
-    while (*link) {
+    for (uint32_t steps = 0; link_ok(*link) && steps < REG_NHOLDERS; steps++) {
         if (*link == hi + 1) {
             *link = r->holders[hi].next;
             r->entries[ei].nholders--;
@@ -1082,7 +1097,7 @@ static int holder_alive(fmap_reg *r, uint32_t ei, uint32_t hi)
 static int entry_alive(fmap_reg *r, uint32_t ei)
 {
     uint32_t link = r->entries[ei].head;
-    while (link) {
+    for (uint32_t steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
         uint32_t hi = link - 1;
         link = r->holders[hi].next;
         if (holder_alive(r, ei, hi))
@@ -1112,14 +1127,16 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
     int me = fmap_getpid();
     uint32_t link;
     /* A handle of our own, when there is one, is the cheapest way in. */
-    for (link = en->head; link; link = r->holders[link - 1].next) {
+    uint32_t steps = 0;
+    for (link = en->head; link_ok(link) && steps < REG_NHOLDERS;
+         link = r->holders[link - 1].next, steps++) {
         reg_holder *ho = &r->holders[link - 1];
         if (ho->state == H_LIVE && ho->pid == me &&
             (*fd = dup_own(ho->fd, oflags, en->dev, en->ino)) >= 0)
             return FMAP_OK;
     }
     link = en->head;
-    while (link) {
+    for (steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
         uint32_t hi = link - 1;
         reg_holder *ho = &r->holders[hi];
         link = ho->next;
@@ -1366,7 +1383,7 @@ static int hold_valid(fmap_reg *r, const fmap_hold *hold)
 static int unclaimed_children(fmap_reg *r, const fmap_hold *hold)
 {
     uint32_t link = r->entries[hold->entry].head;
-    while (link) {
+    for (uint32_t steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
         reg_holder *ho = &r->holders[link - 1];
         if (ho->state == H_PENDING && ho->pid == fmap_getpid() && ho->fd == hold->fd &&
             !pending_expired(ho))
