@@ -274,7 +274,7 @@ def test_registry_file_with_wrong_mode_is_refused(tmp_path, monkeypatch, name):
         _create_under(monkeypatch, d, name)
 
 
-@pytest.mark.parametrize("forge", ["index", "chains", "cycles"])
+@pytest.mark.parametrize("forge", ["index", "chains", "cycles", "keylen"])
 def test_a_forged_registry_costs_names_not_the_process(tmp_path, forge):
     # The registry file is the user's own, writable by any of the user's
     # processes: index values and holder links out of range, or chains that
@@ -304,6 +304,13 @@ for e in range(NENTRIES):
         struct.pack_into("=I", mem, at + 48, 0x7FFFFFF0)
     elif forge == "cycles" and head:
         struct.pack_into("=I", mem, HOLDERS_AT + HOLDER * (head - 1) + 8, head)
+    elif forge == "keylen" and e == 0:
+        struct.pack_into("=I", mem, at + 60, 0x7FFFFFF0)
+if forge == "cycles":                                       # a self-linked holder let go:
+    keep.pop(0).close()                                     # the chain head is left on it
+fmap._fmap.registry_list()                                  # what python -m fmap list shows
+counts = fmap._fmap.registry_counts()
+assert counts[1] < 1000, counts                             # holders: not wrapped below 0
 outcomes = []
 for k in range(4):                                          # the last never existed
     try:
@@ -320,3 +327,5 @@ print(" ".join(outcomes))
     assert done.returncode == 0, (done.returncode, done.stderr.decode())
     outcomes = done.stdout.split()
     assert outcomes[3] == b"lost" and len(outcomes) == 4, outcomes
+    if forge in ("cycles", "keylen"):                       # the rest of the registry is sound
+        assert outcomes[1:3] == [b"opened", b"opened"], outcomes

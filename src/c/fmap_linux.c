@@ -716,13 +716,19 @@ static uint32_t key_hash(const char *key, size_t len)
 /* ---- the registry: index and chains (all derived data) --------------------- */
 
 /* Index values and chain links are read from the file, which any process of
-   the user can write: one out of range ends a probe or a chain (the names
-   behind it may be lost, as if their holders were gone; no memory outside
-   the tables is touched), and no walk takes more steps than there are
-   records, so a forged cycle cannot hold the lock for good. */
-static int link_ok(uint32_t link)
+   the user can write.  A link that does not name a holder of the entry in
+   hand (out of range, a free record, another entry's or another
+   incarnation's) ends the chain, and an index value out of range ends
+   nothing but is skipped: the names behind a bad one may be lost, as if
+   their holders were gone, but no memory outside the tables is touched and
+   no entry's chain runs into another's.  No walk takes more steps than
+   there are records, so a forged cycle cannot hold the lock for good. */
+static int link_ok(fmap_reg *r, uint32_t ei, uint32_t link)
 {
-    return link != 0 && link <= REG_NHOLDERS;
+    if (link == 0 || link > REG_NHOLDERS)
+        return 0;
+    const reg_holder *ho = &r->holders[link - 1];
+    return ho->state != H_FREE && ho->entry == ei && ho->gen == r->entries[ei].gen;
 }
 
 static int64_t idx_lookup(fmap_reg *r, const char *key, size_t len, uint32_t hash)
@@ -797,7 +803,7 @@ static void chain_add(fmap_reg *r, uint32_t ei, uint32_t hi)
 static void chain_remove(fmap_reg *r, uint32_t ei, uint32_t hi)
 {
     uint32_t *link = &r->entries[ei].head;
-    for (uint32_t steps = 0; link_ok(*link) && steps < REG_NHOLDERS; steps++) {
+    for (uint32_t steps = 0; link_ok(r, ei, *link) && steps < REG_NHOLDERS; steps++) {
         if (*link == hi + 1) {
             *link = r->holders[hi].next;
             r->entries[ei].nholders--;
@@ -1097,7 +1103,7 @@ static int holder_alive(fmap_reg *r, uint32_t ei, uint32_t hi)
 static int entry_alive(fmap_reg *r, uint32_t ei)
 {
     uint32_t link = r->entries[ei].head;
-    for (uint32_t steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
+    for (uint32_t steps = 0; link_ok(r, ei, link) && steps < REG_NHOLDERS; steps++) {
         uint32_t hi = link - 1;
         link = r->holders[hi].next;
         if (holder_alive(r, ei, hi))
@@ -1128,7 +1134,7 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
     uint32_t link;
     /* A handle of our own, when there is one, is the cheapest way in. */
     uint32_t steps = 0;
-    for (link = en->head; link_ok(link) && steps < REG_NHOLDERS;
+    for (link = en->head; link_ok(r, ei, link) && steps < REG_NHOLDERS;
          link = r->holders[link - 1].next, steps++) {
         reg_holder *ho = &r->holders[link - 1];
         if (ho->state == H_LIVE && ho->pid == me &&
@@ -1136,7 +1142,7 @@ static int reach_entry(fmap_reg *r, uint32_t ei, int writable, int *fd, fmap_err
             return FMAP_OK;
     }
     link = en->head;
-    for (steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
+    for (steps = 0; link_ok(r, ei, link) && steps < REG_NHOLDERS; steps++) {
         uint32_t hi = link - 1;
         reg_holder *ho = &r->holders[hi];
         link = ho->next;
@@ -1383,7 +1389,7 @@ static int hold_valid(fmap_reg *r, const fmap_hold *hold)
 static int unclaimed_children(fmap_reg *r, const fmap_hold *hold)
 {
     uint32_t link = r->entries[hold->entry].head;
-    for (uint32_t steps = 0; link_ok(link) && steps < REG_NHOLDERS; steps++) {
+    for (uint32_t steps = 0; link_ok(r, hold->entry, link) && steps < REG_NHOLDERS; steps++) {
         reg_holder *ho = &r->holders[link - 1];
         if (ho->state == H_PENDING && ho->pid == fmap_getpid() && ho->fd == hold->fd &&
             !pending_expired(ho))
@@ -1490,8 +1496,8 @@ int fmap_reg_list(fmap_reg *r, fmap_reg_visit visit, void *ctx, fmap_err *e)
     int rc = 0;
     for (uint32_t i = 0; i < REG_NENTRIES && rc == 0; i++) {
         reg_entry *en = &r->entries[i];
-        if (en->state != E_LIVE)
-            continue;
+        if (en->state != E_LIVE || en->keylen > FMAP_KEY_MAX)
+            continue;           /* a length past the key: not one we wrote */
         fmap_objinfo info;
         entry_info(en, &info);
         rc = visit(ctx, en->key, en->keylen, &info, en->nholders);
