@@ -34,6 +34,7 @@ cdef size_t ARRAY_META = 32
 cdef size_t ARRAY_ALIGN = 64
 cdef int ARRAY_MAX_DIMS = 32
 assert ARRAY_META + 8 * ARRAY_MAX_DIMS <= FMAP_CHAN_ROOM
+assert ARRAY_MAX_DIMS == 32         # the size of recv_array's dims buffer
 
 
 class EndOfStream(EOFError):

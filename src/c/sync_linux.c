@@ -192,7 +192,7 @@ static fmap_sync *new_handle(struct sync_page *p, uint32_t type, uint32_t flags,
     h->p = p;
     h->type = type;
     h->flags = flags;
-    h->maximum = maximum;
+    h->maximum = type == FMAP_T_SEMAPHORE ? maximum : 0;
     return h;
 }
 
@@ -203,8 +203,7 @@ int fmap_sync_init(void *ctx, int fd, fmap_err *e)
     sp->page = NULL;
     if (map_page(fd, &s, e) != FMAP_OK)
         return e->status;
-    fmap_sync *h = new_handle(s, sp->type, sp->flags,
-                              sp->type == FMAP_T_SEMAPHORE ? sp->maximum : 0, e);
+    fmap_sync *h = new_handle(s, sp->type, sp->flags, sp->maximum, e);
     if (!h) {
         munmap(s, fmap_sync_size());
         return e->status;
@@ -266,7 +265,7 @@ int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e)
         return fail(e, FMAP_ECORRUPT, 0,
                     "the object's header has a wrong magic, version, type or size");
     }
-    fmap_sync *h = new_handle(s, type, flags, type == FMAP_T_SEMAPHORE ? maximum : 0, e);
+    fmap_sync *h = new_handle(s, type, flags, maximum, e);
     if (!h) {
         munmap(s, fmap_sync_size());
         return e->status;

@@ -29,10 +29,11 @@ def key_for(name: str | None) -> bytes | None:
     """The registry key of a name (namespace byte + UTF-8), None when unnamed."""
     if name is None or name == "":
         return None
-    key = _cache.get(name) if type(name) is str else None
+    exact = type(name) is str       # a subclass could hash or compare its own way
+    key = _cache.get(name) if exact else None
     if key is None:
         key = _key(name)
-        if type(name) is str:       # a subclass could hash or compare its own way
+        if exact:
             if len(_cache) >= 4096:
                 _cache.clear()
             _cache[name] = key
