@@ -153,7 +153,8 @@ cdef class SyncHandle(Handle):
             Handle._close_handle(self)
         finally:
             # A thread blocked on the page without the GIL unmaps it when it
-            # comes back.
+            # comes back; fmap_sync_unmap keeps the page of a mutex that a
+            # thread of this process owns (glibc's robust list points into it).
             if self.waiting == 0:
                 self._unmap()
         return 0

@@ -226,7 +226,8 @@ uint64_t fmap_clock_ns(void);             /* CLOCK_MONOTONIC, ns */
 int fmap_sync_init(void *ctx, int fd, fmap_err *e);
 /* Map an existing object's page and check its header against type. */
 int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e);
-/* A closing handle's page, unmapped (an owned mutex stays owned). */
+/* A closing handle's page: unmapped, unless a thread of this process owns the
+   mutex (glibc's robust list points into it): then kept until it is released. */
 void fmap_sync_unmap(fmap_sync *s);
 /* A page from a create that failed after init: released by us, unmapped. */
 void fmap_sync_discard(fmap_sync *s);

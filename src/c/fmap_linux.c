@@ -10,8 +10,8 @@
  *     object's inode, and the head of its holder chain (derived),
  *   - holder records: (pid, start time, fd) of every process holding a handle.
  *
- * One robust lock of our own (rlock_linux.h) guards it.  A process killed
- * while holding it makes the next locker rebuild everything derived from the entries and
+ * One robust, process-shared mutex guards it.  A process killed while holding
+ * it makes the next locker rebuild everything derived from the entries and
  * holder records, whose `state` words are always written last.  Opening a name
  * opens /proc/<pid>/fd/<fd> of a live holder and checks the inode, pruning dead
  * holders on the way; a name with no live holder is free.  So create and open
@@ -19,7 +19,6 @@
  */
 #define _GNU_SOURCE
 #include "fmap.h"
-#include "rlock_linux.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -622,8 +621,8 @@ int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e)
 /* ---- the registry: layout ------------------------------------------------ */
 
 #define REG_MAGIC "FMAPREG\x01"
-#define REG_VERSION 2u            /* 2: the lock is an fmap_rlock, not a pthread mutex */
-#define REG_FILE "registry.v2"
+#define REG_VERSION 1u
+#define REG_FILE "registry.v1"
 #define REG_NENTRIES 16384u
 #define REG_NINDEX 32768u            /* power of two, twice the entries */
 #define REG_NHOLDERS 65536u
@@ -641,8 +640,8 @@ enum { E_FREE = 0, E_LIVE = 1 };
 typedef struct {
     char magic[8];
     uint32_t version, header_size, entry_size, nentries, nindex, holder_size, nholders;
-    uint32_t lock_size;
-    fmap_rlock lock;        /* robust; guards all below and the tables */
+    uint32_t mutex_size;
+    pthread_mutex_t lock;   /* robust, process-shared; guards all below and the tables */
     uint64_t generation;    /* bumped for every new incarnation of a name */
     uint32_t tombstones;    /* index slots marked deleted */
     uint32_t entry_hint, holder_hint;
@@ -868,31 +867,31 @@ static void reg_repair(fmap_reg *r)
 
 static int reg_lock(fmap_reg *r, fmap_err *e)
 {
-    uint64_t deadline = fmap_clock_ns() + LOCK_TIMEOUT_S * 1000000000ull;
-    for (;;) {
-        switch (fmap_rlock_take(&r->h->lock, deadline)) {
-        case RLOCK_OK:
-            return FMAP_OK;
-        case RLOCK_MINE:
-            /* No thread takes it twice, so a word naming this one was
-               written by another process: taken over like a dead owner's. */
-        case RLOCK_ABANDONED:
-            /* Its owner died inside: rebuild what it may have left half done. */
-            reg_repair(r);
-            return FMAP_OK;
-        case RLOCK_INTR:
-            continue;       /* held for microseconds: wait on, to the deadline */
-        case RLOCK_TIMEOUT:
-            return fail(e, FMAP_ETIMEOUT, ETIMEDOUT, "registry lock");
-        default:
-            return fail(e, FMAP_ESYS, errno, "registry lock");
-        }
+    int rc = pthread_mutex_trylock(&r->h->lock);
+    if (rc == EBUSY) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += LOCK_TIMEOUT_S;
+        rc = pthread_mutex_timedlock(&r->h->lock, &ts);
     }
+    if (rc == EOWNERDEAD) {
+        /* Robust mutex: its owner died inside; repair, then mark consistent. */
+        reg_repair(r);
+        pthread_mutex_consistent(&r->h->lock);
+        rc = 0;
+    }
+    if (rc == 0)
+        return FMAP_OK;
+    if (rc == ETIMEDOUT)
+        return fail(e, FMAP_ETIMEOUT, rc, "registry lock");
+    if (rc == ENOTRECOVERABLE)
+        return fail(e, FMAP_ECORRUPT, rc, "registry lock");
+    return fail(e, FMAP_ESYS, rc, "registry lock");
 }
 
 static void reg_unlock(fmap_reg *r)
 {
-    fmap_rlock_give(&r->h->lock);
+    pthread_mutex_unlock(&r->h->lock);
 }
 
 /* ---- the registry: attach ----------------------------------------------- */
@@ -954,7 +953,13 @@ static int reg_init_file(int dirfd, fmap_err *e)
     h->nindex = REG_NINDEX;
     h->holder_size = sizeof(reg_holder);
     h->nholders = REG_NHOLDERS;
-    h->lock_size = sizeof(fmap_rlock);     /* the lock: all zero, free */
+    h->mutex_size = sizeof(pthread_mutex_t);
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&h->lock, &a);
+    pthread_mutexattr_destroy(&a);
     memcpy(h->magic, REG_MAGIC, 8);
     munmap(base, len);
     /* Published whole or not at all: link fails if another process won. */
@@ -1000,7 +1005,7 @@ static int reg_map(int dirfd, fmap_reg *r, fmap_err *e)
         h->header_size != REG_HEADER_SIZE || h->entry_size != sizeof(reg_entry) ||
         h->nentries != REG_NENTRIES || h->nindex != REG_NINDEX ||
         h->holder_size != sizeof(reg_holder) || h->nholders != REG_NHOLDERS ||
-        h->lock_size != sizeof(fmap_rlock)) {
+        h->mutex_size != sizeof(pthread_mutex_t)) {
         munmap(base, len);
         return fail(e, FMAP_ECORRUPT, 0, "registry file has a wrong magic, version or layout");
     }
