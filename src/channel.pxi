@@ -437,7 +437,7 @@ cdef class Channel(Handle):
         if rc == FMAP_OK:
             return got
         if rc == FMAP_WAIT_TIMEOUT or rc == FMAP_WAIT_INTR:
-            raise make_error(TimeoutError, ERROR_TIMEOUT,
+            raise make_error(_errno.ETIMEDOUT, ERROR_TIMEOUT,     # TimeoutError
                              f"channel {describe(self.name)}: "
                              + ("no free slot" if produce else "no message")
                              + f" within {timeout} seconds")
@@ -447,7 +447,7 @@ cdef class Channel(Handle):
 
     cdef int _ended(self, bint produce) except -1:
         if produce:
-            raise make_error(BrokenPipeError, ERROR_NO_DATA,
+            raise make_error(_errno.EPIPE, ERROR_NO_DATA,         # BrokenPipeError
                              f"cannot send on channel {describe(self.name)}: it was closed")
         raise EndOfStream(f"channel {describe(self.name)} was closed and every message "
                           "sent before has been received")

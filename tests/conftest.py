@@ -115,6 +115,10 @@ class raises:
         if isinstance(exc, (OSError, ValueError)):
             code = getattr(exc, "winerror", None)
             assert isinstance(code, int), f"{exc!r} has no int winerror"
+        if isinstance(exc, OSError):
+            # and the errno a POSIX caller would check (TimeoutError and
+            # BrokenPipeError from a channel had None)
+            assert isinstance(exc.errno, int) and exc.errno > 0, f"{exc!r} has no errno"
         if self.winerror is not None:
             assert exc.winerror == self.winerror, f"{exc!r}: winerror {exc.winerror}"
         return suppressed
