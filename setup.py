@@ -5,7 +5,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 if sys.platform.startswith("linux"):
-    platform_sources = ["src/c/fmap_linux.c", "src/c/sync_linux.c", "src/c/channel_linux.c"]
+    platform_sources = ["src/c/fmap_linux.c", "src/c/sync_linux.c", "src/c/channel_linux.c",
+                        "src/c/rlock_linux.c"]
     libraries = ["pthread"]
 else:
     raise SystemExit(f"fmap: no platform layer for {sys.platform} yet (Linux only for now)")

@@ -10,7 +10,7 @@ import numbers as _numbers
 
 # A blocked wait comes back for the GIL this often to run signal handlers, so
 # Ctrl-C raises KeyboardInterrupt promptly even when no EINTR reaches the
-# sleeping call (glibc's mutex wait restarts itself on EINTR).
+# sleeping call (a signal handled by another thread).
 cdef uint64_t SLICE_NS = 50000000
 # wait_any: a mutex whose owner dies wakes nobody on the change counters that
 # wait_any sleeps on, so it looks again this often.
@@ -153,8 +153,7 @@ cdef class SyncHandle(Handle):
             Handle._close_handle(self)
         finally:
             # A thread blocked on the page without the GIL unmaps it when it
-            # comes back; fmap_sync_unmap keeps the page of a mutex that a
-            # thread of this process owns (glibc's robust list points into it).
+            # comes back.
             if self.waiting == 0:
                 self._unmap()
         return 0

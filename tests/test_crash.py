@@ -5,7 +5,6 @@ instant, even inside the registry lock, leaves the registry consistent.
 """
 import fcntl
 import os
-import platform
 import random
 import signal
 import struct
@@ -244,15 +243,15 @@ def test_kills_during_create_open_close_loops_leave_registry_consistent(children
 
 
 # The registry header, as laid out by src/c/fmap_linux.c (reg_header): read
-# straight from the file to see the robust mutex's owner and the repair count.
+# straight from the file to see the lock's owner and the repair count.
 def _header_fields(path):
     with open(path, "rb") as f:
         head = f.read(256)
     if head[:8] != b"FMAPREG\x01":
         pytest.skip("registry layout changed: update _header_fields")
-    mutex_size = struct.unpack_from("=I", head, 36)[0]
-    lock_word = struct.unpack_from("=I", head, 40)[0]
-    after = (40 + mutex_size + 7) & ~7
+    lock_size = struct.unpack_from("=I", head, 36)[0]
+    lock_word = struct.unpack_from("=I", head, 40)[0]    # its low half: the owner's TID
+    after = (40 + lock_size + 7) & ~7
     # generation (u64), tombstones, entry_hint, holder_hint, entries_used, holders_used, repairs
     _, _, _, _, entries, holders, repairs = struct.unpack_from("=QIIIIII", head, after)
     return lock_word, entries, holders, repairs
@@ -277,12 +276,10 @@ while True:
 FUTEX_TID_MASK = 0x3FFFFFFF
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
-                    reason="reads glibc's pthread_mutex_t (the futex word holds the owner's TID)")
 def test_killed_inside_the_registry_lock_is_repaired(children, name, runtime_dir):
     names = [f"{name}-{i}" for i in range(2)]
     baseline = settled_counts()
-    reg_file = os.path.join(runtime_dir, "registry.v1")
+    reg_file = os.path.join(runtime_dir, "registry.v2")
     _, entries, holders, repairs_before = _header_fields(reg_file)
     assert (entries, holders) == baseline, "header offsets do not match registry_counts()"
     code = TIGHT.replace("NAMES", repr(names))
@@ -291,8 +288,8 @@ def test_killed_inside_the_registry_lock_is_repaired(children, name, runtime_dir
         p.expect("ready")
     victim = procs[0]
     # Stop the victim until it is caught holding the lock (its TID in the
-    # robust mutex's futex word), then SIGKILL it there: the kernel marks the
-    # mutex owner-dead and the next locker must repair the registry.
+    # lock word), then SIGKILL it there: the next locker finds the owner gone
+    # and must repair the registry.
     caught = False
     for _ in range(500):
         os.kill(victim.pid, signal.SIGSTOP)

@@ -93,7 +93,7 @@ def assert_loop_leaks_nothing(cycle, name, warmup, cycles, rss_kib):
     # would show as thousands
     assert abs(after["maps"] - before["maps"]) <= 8, (before, after)
     assert after["rss"] - before["rss"] < rss_kib, (before, after)
-    registry_kib = os.path.getsize(os.path.join(fmap.runtime_dir(), "registry.v1")) // 1024
+    registry_kib = os.path.getsize(os.path.join(fmap.runtime_dir(), "registry.v2")) // 1024
     assert after["shmem"] - before["shmem"] <= registry_kib, (before, after)
     assert after["registry"] == before["registry"], (before, after)
     assert elapsed < 60, f"{cycles} cycles took {elapsed:.1f} s"

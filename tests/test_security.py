@@ -269,7 +269,7 @@ def test_registry_file_with_wrong_mode_is_refused(tmp_path, monkeypatch, name):
     run = run_python("import fmap; fmap.create('x', size=1).close()",
                      env={**os.environ, "FMAP_RUNTIME_DIR": str(d)})
     assert run.returncode == 0, run.stderr.decode()
-    os.chmod(d / "registry.v1", 0o644)
+    os.chmod(d / "registry.v2", 0o644)
     with pytest.raises(PermissionError, match="registry file"):
         _create_under(monkeypatch, d, name)
 
@@ -289,7 +289,7 @@ INDEX_AT, NINDEX, NENTRIES, ENTRY, HOLDER = 4096, 32768, 16384, 64 + 256, 40   #
 ENTRIES_AT = INDEX_AT + 4 * NINDEX
 HOLDERS_AT = ENTRIES_AT + ENTRY * NENTRIES
 keep = [fmap.Event.create(f"fmap-test-forged-{{k}}") for k in range(3)]
-with open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v1"), "r+b") as f:
+with open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v2"), "r+b") as f:
     mem = mmap.mmap(f.fileno(), 0)
 forge = {forge!r}
 if forge == "index":
@@ -329,3 +329,73 @@ print(" ".join(outcomes))
     assert outcomes[3] == b"lost" and len(outcomes) == 4, outcomes
     if forge in ("cycles", "keylen"):                       # the rest of the registry is sound
         assert outcomes[1:3] == [b"opened", b"opened"], outcomes
+
+
+# A process that writes the word its main thread would own the registry lock
+# with, then becomes /bin/sleep: the same id and start time, a new stack.
+EXEC_HOLDER = """
+import mmap, os, struct, sys
+def fold16(x):                                          # rlock_linux.c
+    x ^= x >> 32
+    x ^= x >> 16
+    return x & 0xFFFF or 1
+f = open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v2"), "r+b")
+mem = mmap.mmap(f.fileno(), 0)
+fields = open("/proc/self/stat").read().rpartition(")")[2].split()
+start, stack = int(fields[19]), int(fields[25])         # fields 22 and 28
+struct.pack_into("=Q", mem, 40, (fold16(start) << 16 | fold16(stack)) << 32 | os.getpid())
+os.write(int(sys.argv[1]), b"x")
+os.execv("/bin/sleep", ["sleep", "30"])
+"""
+
+
+@pytest.mark.parametrize("forge", ["dead-owner", "self", "exec"])
+def test_a_forged_registry_lock_word_costs_one_repair(tmp_path, forge):
+    # The registry's lock word names its owning thread.  A word forged to name
+    # a thread that is gone, or the very thread that locks next (no thread
+    # takes the lock twice), is taken over and the registry repaired.  Under
+    # the robust pthread mutex it was before, the first blocked every create
+    # and open of the user for good (10 s each, then TimeoutError), and the
+    # second made them fail with EDEADLK.  The third names a process that then
+    # execs, as if a thread exec'd while another held the lock: gone as well
+    # (a first version of the lock let the new program keep it).  In a child
+    # with a registry of its own.
+    code = f"""
+import mmap, os, struct, subprocess, sys, time
+import fmap
+LOCK_AT, REPAIRS_AT = 40, 76                                # reg_header, fmap_linux.c
+keep = fmap.Event.create("fmap-test-lock-forged")
+with open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v2"), "r+b") as f:
+    mem = mmap.mmap(f.fileno(), 0)
+repairs = struct.unpack_from("=I", mem, REPAIRS_AT)[0]
+holder = None
+if {forge!r} == "dead-owner":
+    p = subprocess.Popen(["true"])
+    p.wait()
+    struct.pack_into("=Q", mem, LOCK_AT, 0xABCD << 32 | p.pid)
+elif {forge!r} == "exec":
+    r, w = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", {EXEC_HOLDER!r}, str(w)], pass_fds=[w])
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    while open(f"/proc/{{holder.pid}}/comm").read().strip() != "sleep":
+        time.sleep(0.01)
+else:
+    # our own main thread's word exactly (as EXEC_HOLDER makes it)
+    fields = open("/proc/self/stat").read().rpartition(")")[2].split()
+    fold16 = lambda x: (x ^ x >> 32 ^ (x ^ x >> 32) >> 16) & 0xFFFF or 1
+    struct.pack_into("=Q", mem, LOCK_AT, (fold16(int(fields[19])) << 16 |
+                                          fold16(int(fields[25]))) << 32 | os.getpid())
+t0 = time.monotonic()
+fmap.Event.create("fmap-test-lock-new").close()
+fmap.Event.open("fmap-test-lock-forged").close()
+print(time.monotonic() - t0 < 3, struct.unpack_from("=I", mem, REPAIRS_AT)[0] - repairs,
+      struct.unpack_from("=Q", mem, LOCK_AT)[0])
+if holder is not None:
+    holder.kill()
+    holder.wait()
+"""
+    env = dict(os.environ, FMAP_RUNTIME_DIR=str(tmp_path / "rt"))
+    done = run_python(code, env=env, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    assert done.stdout.split() == [b"True", b"1", b"0"]

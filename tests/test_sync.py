@@ -600,6 +600,154 @@ else:
                                    "semaphore": [b"False", b"298"]}[kind]
 
 
+MUTEX_PAGE = """
+import mmap, os, random, struct, subprocess, sys
+import fmap
+LOCK_AT = 88                                     # struct sync_page: st (64) + 24, sync_linux.c
+WAITERS, TID_MASK = 0x80000000, 0x3FFFFFFF       # rlock_linux.h
+m = fmap.Mutex.create()
+fd = m.__reduce__()[1][4]
+with open(f"/proc/self/fd/{fd}", "r+b") as f:
+    page = mmap.mmap(f.fileno(), 4096)
+def forge(word):
+    struct.pack_into("=Q", page, LOCK_AT, word)
+def dead_tid():
+    p = subprocess.Popen(["true"])
+    p.wait()                                     # reaped: its id names nobody now
+    return p.pid
+def alive(tid):
+    try:
+        os.kill(tid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+"""
+
+
+@pytest.mark.parametrize("forge", ["beside", "dead-owner", "any-word"])
+def test_a_forged_mutex_page_costs_the_mutex_not_the_process(forge):
+    # Any holder of a mutex can write its page.  The mutex was a robust
+    # pthread mutex, whose robust-list links sat in the page: glibc follows
+    # them on unlock, so forged links made release() write anywhere (a
+    # segfault), and a lock word naming a dead thread without the kernel's
+    # owner-died bit blocked every acquirer for good.  Now the page holds one
+    # lock word, never used as an address, and an owner that is gone is
+    # noticed by the next taker.  In a child, so that a crash fails this test
+    # only.
+    from children import run_python
+    code = MUTEX_PAGE + f"""
+forge_kind = {forge!r}
+if forge_kind == "beside":
+    # Everything after the lock word (where glibc kept its list links), while
+    # owned; the release and the next owner must not care.
+    m.acquire()
+    page[LOCK_AT + 8:] = bytes((i * 37 + 11) & 0xFF for i in range(4096 - LOCK_AT - 8))
+    m.release()
+    print(m.acquire(0), m.abandoned, m.owned)
+    m.release()
+elif forge_kind == "dead-owner":
+    forge(dead_tid() | 12345 << 32)
+    print("abandoned" in repr(m), m.acquire(timeout=5), m.abandoned)
+    m.release()
+    print(m.acquire(0), m.abandoned)
+    m.release()
+else:
+    # Any value at all in the lock word, nobody owning the mutex in truth:
+    # it is taken (free, gone or "our own" owner) unless the word names a
+    # live thread, and then the wait times out; a taken one is released.
+    rnd = random.Random(7)
+    me = os.getpid()
+    words = [0, 2**64 - 1, WAITERS, TID_MASK, 1, me, me | WAITERS, 1 << 32, me | 5 << 32]
+    words += [rnd.getrandbits(64) for _ in range(400)]
+    words += [rnd.getrandbits(32) << 32 | rnd.randrange(1, 40000) for _ in range(400)]
+    taken = busy = 0
+    for w in words:
+        forge(w)
+        tid = w & TID_MASK
+        alive_before = tid and alive(tid)
+        if m.acquire(timeout=0.02):
+            taken += 1
+            m.release()
+            assert struct.unpack_from("=Q", page, LOCK_AT)[0] == 0, hex(w)
+        else:
+            busy += 1
+            # (a thread may come or go during the attempt: asked on both sides)
+            assert tid and tid != me and (alive_before or alive(tid)), hex(w)
+    forge(0)
+    print(taken > 700, busy >= 1)
+    print(m.acquire(0), m.abandoned)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode())
+    assert done.stdout.split() == {"beside": [b"True", b"False", b"True"],
+                                   "dead-owner": [b"True", b"True", b"True", b"True", b"False"],
+                                   "any-word": [b"True", b"True", b"True", b"False"]}[forge]
+
+
+def test_a_mutex_owner_that_execs_abandons_it(closer):
+    # exec() keeps the thread's id and start time but not the program: a
+    # mutex its thread owned is abandoned, as the kernel's robust list made
+    # it.  (The lock asks where the owner's stack starts, which every exec
+    # places anew.)
+    import os
+    import time
+    m = fmap.Mutex.create()
+    closer(m)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                              # pragma: no cover - the child
+        try:
+            m.acquire()
+            os.write(w, b"x")
+            os.execv("/bin/sleep", ["sleep", "30"])
+        finally:
+            os._exit(1)
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/comm").read().strip() != "sleep":   # exec done
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert m.acquire(timeout=5) and m.abandoned
+        m.release()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(r)
+
+
+def test_without_proc_a_live_owner_keeps_the_mutex():
+    # Where /proc cannot show the owner (not mounted here; hidepid or another
+    # user elsewhere), nothing says it is gone: it keeps the mutex.  A first
+    # version took that for a dead owner and let a second thread in.
+    import shutil
+    import subprocess
+    import sys
+    import os
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to hide /proc")
+    code = """
+import threading, fmap
+m = fmap.Mutex.create()
+m.acquire()
+got = []
+t = threading.Thread(target=lambda: got.append(m.acquire(timeout=0.3)))
+t.start()
+t.join()
+print(got, m.owned)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(["unshare", "-m", "sh", "-c", 'umount -l /proc && exec "$0" -c "$1"',
+                           sys.executable, code], capture_output=True, timeout=60, env=env)
+    if done.returncode != 0 and b"unshare" in done.stderr:
+        pytest.skip(f"unshare failed: {done.stderr.decode()[-200:]}")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.split() == [b"[False]", b"True"]
+
+
 def test_open_refuses_a_mismatched_header(name, closer):
     import mmap
     import os

@@ -99,6 +99,16 @@ int fmap_getpid(void);                    /* cached; reset in a forked child */
 /* A process's start time (clock ticks): with its pid, it names one process
    for good.  *dead: gone or a zombie.  0 when it cannot be read. */
 uint64_t fmap_proc_start(int pid, int *dead);
+/* What /proc/<pid>/stat says (a thread's id works too): 0, or the errno of
+   the failed open or read (ENOENT: gone, or hidden from us). */
+typedef struct {
+    int dead;               /* a zombie, or dead and not yet gone */
+    uint64_t start;         /* start time, clock ticks since boot */
+    uint64_t start_stack;   /* the stack's start: random, new at every exec
+                               (0 when not ours to see: another user, not
+                               dumpable) */
+} fmap_procstat;
+int fmap_proc_stat(int pid, fmap_procstat *st);
 uint64_t fmap_self_start(void);           /* ours, cached */
 
 /* ---- objects and views ----------------------------------------------- */
@@ -226,8 +236,7 @@ uint64_t fmap_clock_ns(void);             /* CLOCK_MONOTONIC, ns */
 int fmap_sync_init(void *ctx, int fd, fmap_err *e);
 /* Map an existing object's page and check its header against type. */
 int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e);
-/* A closing handle's page: unmapped, unless a thread of this process owns the
-   mutex (glibc's robust list points into it): then kept until it is released. */
+/* A closing handle's page, unmapped (an owned mutex stays owned). */
 void fmap_sync_unmap(fmap_sync *s);
 /* A page from a create that failed after init: released by us, unmapped. */
 void fmap_sync_discard(fmap_sync *s);

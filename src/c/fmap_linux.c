@@ -10,8 +10,8 @@
  *     object's inode, and the head of its holder chain (derived),
  *   - holder records: (pid, start time, fd) of every process holding a handle.
  *
- * One robust, process-shared mutex guards it.  A process killed while holding
- * it makes the next locker rebuild everything derived from the entries and
+ * One robust lock of our own (rlock_linux.h) guards it.  A process killed
+ * while holding it makes the next locker rebuild everything derived from the entries and
  * holder records, whose `state` words are always written last.  Opening a name
  * opens /proc/<pid>/fd/<fd> of a live holder and checks the inode, pruning dead
  * holders on the way; a name with no live holder is free.  So create and open
@@ -19,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include "fmap.h"
+#include "rlock_linux.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -106,38 +107,51 @@ int fmap_getpid(void)
     return pid;
 }
 
+int fmap_proc_stat(int pid, fmap_procstat *st)
+{
+    char buf[1024], path[32];
+    memset(st, 0, sizeof *st);
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    int err = n < 0 ? errno : n == 0 ? ESRCH : 0;
+    close(fd);
+    if (err)
+        return err;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');    /* the command name may hold anything but this last ')' */
+    if (!p || p[1] != ' ')
+        return EINVAL;
+    /* field 3, the state: a zombie holds nothing any more */
+    st->dead = p[2] == 'Z' || p[2] == 'X' || p[2] == 'x';
+    /* after ") " come fields 3..: field 22 is the start time, 28 the stack's start */
+    int field = 2;
+    for (p++; *p; p++) {
+        if (*p != ' ')
+            continue;
+        field++;
+        if (field == 22)
+            st->start = strtoull(p + 1, NULL, 10);
+        else if (field == 28) {
+            st->start_stack = strtoull(p + 1, NULL, 10);
+            break;
+        }
+    }
+    return 0;
+}
+
 /* Field 22 of /proc/<pid>/stat, the process's start time in clock ticks: with
    the pid it names one process for good (pids are reused, start times not).
    *dead is set when the process is gone or a zombie.  Returns 0 when it
    cannot be read (gone, or not ours to read: then *dead stays 0). */
 uint64_t fmap_proc_start(int pid, int *dead)
 {
-    char buf[1024], path[32];
-    *dead = 0;
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        *dead = errno == ENOENT || errno == ESRCH;
-        return 0;
-    }
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) {
-        *dead = n == 0 || errno == ESRCH;
-        return 0;
-    }
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');    /* the command name may hold anything but this last ')' */
-    if (!p || p[1] != ' ')
-        return 0;
-    /* field 3, the state: a zombie holds nothing any more */
-    *dead = p[2] == 'Z' || p[2] == 'X' || p[2] == 'x';
-    /* after ") " come fields 3..; the start time is field 22 */
-    int field = 2;
-    for (p++; *p && field < 22; p++)
-        if (*p == ' ')
-            field++;
-    return strtoull(p, NULL, 10);
+    fmap_procstat st;
+    int err = fmap_proc_stat(pid, &st);
+    *dead = err ? err == ENOENT || err == ESRCH : st.dead;
+    return st.start;
 }
 
 /* Our own start time, recorded with each holder and channel participant. */
@@ -621,8 +635,8 @@ int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e)
 /* ---- the registry: layout ------------------------------------------------ */
 
 #define REG_MAGIC "FMAPREG\x01"
-#define REG_VERSION 1u
-#define REG_FILE "registry.v1"
+#define REG_VERSION 2u            /* 2: the lock is an fmap_rlock, not a pthread mutex */
+#define REG_FILE "registry.v2"
 #define REG_NENTRIES 16384u
 #define REG_NINDEX 32768u            /* power of two, twice the entries */
 #define REG_NHOLDERS 65536u
@@ -640,8 +654,8 @@ enum { E_FREE = 0, E_LIVE = 1 };
 typedef struct {
     char magic[8];
     uint32_t version, header_size, entry_size, nentries, nindex, holder_size, nholders;
-    uint32_t mutex_size;
-    pthread_mutex_t lock;   /* robust, process-shared; guards all below and the tables */
+    uint32_t lock_size;
+    fmap_rlock lock;        /* robust; guards all below and the tables */
     uint64_t generation;    /* bumped for every new incarnation of a name */
     uint32_t tombstones;    /* index slots marked deleted */
     uint32_t entry_hint, holder_hint;
@@ -867,31 +881,31 @@ static void reg_repair(fmap_reg *r)
 
 static int reg_lock(fmap_reg *r, fmap_err *e)
 {
-    int rc = pthread_mutex_trylock(&r->h->lock);
-    if (rc == EBUSY) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += LOCK_TIMEOUT_S;
-        rc = pthread_mutex_timedlock(&r->h->lock, &ts);
+    uint64_t deadline = fmap_clock_ns() + LOCK_TIMEOUT_S * 1000000000ull;
+    for (;;) {
+        switch (fmap_rlock_take(&r->h->lock, deadline, 1)) {
+        case RLOCK_OK:
+            return FMAP_OK;
+        case RLOCK_MINE:
+            /* No thread takes it twice, so a word naming this one was
+               written by another process: taken over like a dead owner's. */
+        case RLOCK_ABANDONED:
+            /* Its owner died inside: rebuild what it may have left half done. */
+            reg_repair(r);
+            return FMAP_OK;
+        case RLOCK_INTR:
+            continue;       /* held for microseconds: wait on, to the deadline */
+        case RLOCK_TIMEOUT:
+            return fail(e, FMAP_ETIMEOUT, ETIMEDOUT, "registry lock");
+        default:
+            return fail(e, FMAP_ESYS, errno, "registry lock");
+        }
     }
-    if (rc == EOWNERDEAD) {
-        /* Robust mutex: its owner died inside; repair, then mark consistent. */
-        reg_repair(r);
-        pthread_mutex_consistent(&r->h->lock);
-        rc = 0;
-    }
-    if (rc == 0)
-        return FMAP_OK;
-    if (rc == ETIMEDOUT)
-        return fail(e, FMAP_ETIMEOUT, rc, "registry lock");
-    if (rc == ENOTRECOVERABLE)
-        return fail(e, FMAP_ECORRUPT, rc, "registry lock");
-    return fail(e, FMAP_ESYS, rc, "registry lock");
 }
 
 static void reg_unlock(fmap_reg *r)
 {
-    pthread_mutex_unlock(&r->h->lock);
+    fmap_rlock_give(&r->h->lock);
 }
 
 /* ---- the registry: attach ----------------------------------------------- */
@@ -953,13 +967,7 @@ static int reg_init_file(int dirfd, fmap_err *e)
     h->nindex = REG_NINDEX;
     h->holder_size = sizeof(reg_holder);
     h->nholders = REG_NHOLDERS;
-    h->mutex_size = sizeof(pthread_mutex_t);
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    pthread_mutex_init(&h->lock, &a);
-    pthread_mutexattr_destroy(&a);
+    h->lock_size = sizeof(fmap_rlock);     /* the lock: all zero, free */
     memcpy(h->magic, REG_MAGIC, 8);
     munmap(base, len);
     /* Published whole or not at all: link fails if another process won. */
@@ -1005,7 +1013,7 @@ static int reg_map(int dirfd, fmap_reg *r, fmap_err *e)
         h->header_size != REG_HEADER_SIZE || h->entry_size != sizeof(reg_entry) ||
         h->nentries != REG_NENTRIES || h->nindex != REG_NINDEX ||
         h->holder_size != sizeof(reg_holder) || h->nholders != REG_NHOLDERS ||
-        h->mutex_size != sizeof(pthread_mutex_t)) {
+        h->lock_size != sizeof(fmap_rlock)) {
         munmap(base, len);
         return fail(e, FMAP_ECORRUPT, 0, "registry file has a wrong magic, version or layout");
     }

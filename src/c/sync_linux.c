@@ -7,12 +7,15 @@
  *
  *   - a header: magic, version, type and sizes, checked by every opener;
  *   - the state on one cache line: a futex word (semaphore count, event
- *     state) with a count of its sleepers, or a glibc robust mutex; and
- *     `seq`, bumped on every release or set, which wait_any sleeps on.
+ *     state) with a count of its sleepers, or a mutex's lock and recursion
+ *     depth; and `seq`, bumped on every release or set, which wait_any
+ *     sleeps on.
  *
- * Mutexes are pthread mutexes, process-shared, robust and recursive: the
- * kernel's robust-list protocol marks one abandoned when its owning thread
- * dies, and the next locker gets EOWNERDEAD (Windows: WAIT_ABANDONED).
+ * A mutex is our robust lock (rlock_linux.h) plus a recursion depth: the
+ * next taker finds out that the owning thread died and takes the mutex over,
+ * abandoned (Windows: WAIT_ABANDONED).  It used to be a robust pthread mutex,
+ * whose robust-list links live in the shared page, where any holder of the
+ * object could forge them and make glibc's unlock write anywhere.
  * Semaphores and events are our own shared futex words; releasers make a
  * system call only when the sleeper count says someone sleeps, so the
  * uncontended paths stay in user space.  Sleepers and wakers pair their
@@ -26,11 +29,11 @@
 #define _GNU_SOURCE
 #include "fmap.h"
 #include "futex_linux.h"
+#include "rlock_linux.h"
 
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
-#include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,14 +47,9 @@
 #ifndef SYS_futex_waitv
 #define SYS_futex_waitv 449         /* Linux 5.16, the same number on every arch */
 #endif
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
-#define HAVE_CLOCKLOCK 1            /* pthread_mutex_clocklock: glibc 2.30 */
-#else
-#define HAVE_CLOCKLOCK 0
-#endif
 
 #define SYNC_MAGIC "FMAPSYN\x01"
-#define SYNC_VERSION 1u
+#define SYNC_VERSION 2u           /* 2: our own mutex lock, not a pthread mutex */
 #define FUTEX_32_FLAG 2u            /* futex_waitv: a 32-bit word; shared (no FUTEX2_PRIVATE) */
 
 struct sync_page {
@@ -59,7 +57,7 @@ struct sync_page {
     uint32_t version;
     uint32_t type;          /* FMAP_T_* */
     uint32_t size;          /* sizeof(struct sync_page) of the creator */
-    uint32_t mutex_size;    /* sizeof(pthread_mutex_t) of the creator */
+    uint32_t lock_size;     /* sizeof(fmap_rlock) of the creator */
     uint32_t flags;         /* FMAP_SYNC_*, fixed at creation */
     uint32_t maximum;       /* semaphore: maximum count, fixed at creation */
     /* What every acquire and release touches, on one cache line. */
@@ -70,25 +68,20 @@ struct sync_page {
         uint32_t waiters;       /* threads sleeping on word */
         uint32_t depth;         /* mutex: recursion depth, written by the owner only */
         uint32_t pad;
-        pthread_mutex_t m;      /* mutex: robust, recursive, process-shared */
+        fmap_rlock lock;        /* mutex: owner thread; robust (rlock_linux.h) */
     } st __attribute__((aligned(64)));
 };
 
 /* A handle: its mapping of the page, and what the page's header said when
    the handle was opened, checked then and never read from the page again
    (any process holding the object can rewrite the page: a type read anew
-   would let it make an event's handle run pthread code on a forged mutex,
-   or a mutex's close() unmap a page the robust list still points into). */
+   would let it make an event's handle act as a free mutex). */
 struct fmap_sync {
     struct sync_page *p;
     uint32_t type;          /* FMAP_T_* */
     uint32_t flags;         /* FMAP_SYNC_* */
     uint32_t maximum;       /* semaphore */
 };
-
-/* The robust-futex word the kernel reads is glibc's __lock, the mutex's first
-   int (ABI-fixed): TID of the owner | FUTEX_WAITERS | FUTEX_OWNER_DIED. */
-_Static_assert(sizeof(pthread_mutex_t) >= sizeof(uint32_t), "pthread_mutex_t");
 
 static int fail(fmap_err *e, int status, int sys, const char *call)
 {
@@ -108,52 +101,11 @@ uint64_t fmap_clock_ns(void)
 }
 
 
-static __thread int t_tid;          /* gettid(), cached per thread */
-static pthread_once_t tid_once = PTHREAD_ONCE_INIT;
-
-static void tid_after_fork(void)
-{
-    t_tid = 0;   /* the forking thread has a new id in the child */
-}
-
-static void tid_init(void)
-{
-    pthread_atfork(NULL, NULL, tid_after_fork);
-}
-
-static int my_tid(void)
-{
-    int t = t_tid;
-    if (!t) {
-        pthread_once(&tid_once, tid_init);
-        t = t_tid = (int)syscall(SYS_gettid);
-    }
-    return t;
-}
-
 static uint32_t load(const uint32_t *w)
 {
     return __atomic_load_n(w, __ATOMIC_SEQ_CST);
 }
 
-
-static uint32_t mutex_word(struct sync_page *s)
-{
-    return __atomic_load_n((uint32_t *)&s->st.m, __ATOMIC_RELAXED);
-}
-
-/* Does a live thread of this process own the mutex? */
-static int owned_here(const fmap_sync *h)
-{
-    if (h->type != FMAP_T_MUTEX)
-        return 0;
-    uint32_t tid = mutex_word(h->p) & FUTEX_TID_MASK;
-    if (!tid)
-        return 0;
-    if ((int)tid == my_tid())
-        return 1;
-    return syscall(SYS_tgkill, fmap_getpid(), (int)tid, 0) == 0;
-}
 
 /* wait_any sleepers watch seq: bump it, and wake them only if there are any.
    The bump is a full barrier, ordering the release before the sleeper check. */
@@ -212,26 +164,14 @@ int fmap_sync_init(void *ctx, int fd, fmap_err *e)
     s->version = SYNC_VERSION;
     s->type = sp->type;
     s->size = sizeof(struct sync_page);
-    s->mutex_size = sizeof(pthread_mutex_t);
+    s->lock_size = sizeof(fmap_rlock);
     s->flags = sp->flags;
     if (sp->type == FMAP_T_MUTEX) {
-        pthread_mutexattr_t a;
-        pthread_mutexattr_init(&a);
-        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-        pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
-        int rc = pthread_mutex_init(&s->st.m, &a);
-        pthread_mutexattr_destroy(&a);
-        if (rc != 0) {
-            munmap(s, fmap_sync_size());
-            free(h);
-            return fail(e, FMAP_ESYS, rc, "pthread_mutex_init");
-        }
-        /* CreateMutex(bInitialOwner): owned before anyone can open it.  The
-           lock goes through the page the handle keeps, so glibc's robust list
-           points at a mapping that stays. */
-        if ((sp->flags & FMAP_SYNC_OWNED) && pthread_mutex_trylock(&s->st.m) == 0)
+        /* CreateMutex(bInitialOwner): owned before anyone can open it. */
+        if (sp->flags & FMAP_SYNC_OWNED) {
+            fmap_rlock_init_owned(&s->st.lock);
             s->st.depth = 1;
+        }
     } else if (sp->type == FMAP_T_SEMAPHORE) {
         s->maximum = sp->maximum;
         s->st.word = sp->initial;
@@ -260,7 +200,7 @@ int fmap_sync_map(int fd, uint32_t type, fmap_sync **out, fmap_err *e)
     uint32_t maximum = __atomic_load_n(&s->maximum, __ATOMIC_RELAXED);
     if (memcmp(s->magic, SYNC_MAGIC, 8) != 0 || s->version != SYNC_VERSION ||
         s->type != type || s->size != sizeof(struct sync_page) ||
-        s->mutex_size != sizeof(pthread_mutex_t)) {
+        s->lock_size != sizeof(fmap_rlock)) {
         munmap(s, fmap_sync_size());
         return fail(e, FMAP_ECORRUPT, 0,
                     "the object's header has a wrong magic, version, type or size");
@@ -280,50 +220,20 @@ static void drop_handle(fmap_sync *h)
     free(h);
 }
 
-/* Handles closed while a thread of ours still owned their mutex. */
-struct retired {
-    struct retired *next;
-    fmap_sync *h;
-};
-static struct retired *g_retired;
-static pthread_mutex_t g_retired_lock = PTHREAD_MUTEX_INITIALIZER;
-
 void fmap_sync_unmap(fmap_sync *h)
 {
-    pthread_mutex_lock(&g_retired_lock);
-    for (struct retired **link = &g_retired; *link;) {
-        struct retired *r = *link;
-        if (owned_here(r->h)) {
-            link = &r->next;
-            continue;
-        }
-        drop_handle(r->h);
-        *link = r->next;
-        free(r);
-    }
-    if (h) {
-        /* glibc's robust list links the mutexes a thread owns through the
-           mutexes themselves, at this mapping's address: unmapping it now
-           would let the kernel write into whatever is mapped there next when
-           the thread exits.  Keep it until the mutex is released. */
-        struct retired *r = owned_here(h) ? malloc(sizeof *r) : NULL;
-        if (r) {
-            r->h = h;
-            r->next = g_retired;
-            g_retired = r;
-        } else if (!owned_here(h)) {
-            drop_handle(h);
-        }   /* else out of memory: leave it mapped for good */
-    }
-    pthread_mutex_unlock(&g_retired_lock);
+    /* Unmapped at once, owned or not: no list outside the page points into
+       it (the robust pthread mutex needed its page kept while owned). */
+    if (h)
+        drop_handle(h);
 }
 
 void fmap_sync_discard(fmap_sync *h)
 {
     struct sync_page *s = h->p;
-    if (h->type == FMAP_T_MUTEX && (mutex_word(s) & FUTEX_TID_MASK) == (uint32_t)my_tid()) {
+    if (h->type == FMAP_T_MUTEX && fmap_rlock_mine(&s->st.lock)) {
         s->st.depth = 0;
-        pthread_mutex_unlock(&s->st.m);
+        fmap_rlock_give(&s->st.lock);
     }
     drop_handle(h);
 }
@@ -336,11 +246,14 @@ void fmap_sync_state(fmap_sync *h, fmap_syncstate *st)
     st->maximum = h->maximum;
     st->manual = (h->flags & FMAP_SYNC_MANUAL) != 0;
     if (h->type == FMAP_T_MUTEX) {
-        uint32_t w = mutex_word(s);
-        st->owner = (int32_t)(w & FUTEX_TID_MASK);
-        st->mine = st->owner && st->owner == my_tid();
+        int gone;
+        st->owner = fmap_rlock_owner(&s->st.lock, &gone);
+        st->mine = st->owner && fmap_rlock_mine(&s->st.lock);
+        /* An owner that is gone owns nothing: the next taker is told. */
+        st->abandoned = gone;
+        if (gone)
+            st->owner = 0;
         st->depth = st->owner ? s->st.depth : 0;
-        st->abandoned = !st->owner && (w & FUTEX_OWNER_DIED);
     } else if (h->type == FMAP_T_SEMAPHORE) {
         st->count = load(&s->st.word);
     } else {
@@ -350,43 +263,38 @@ void fmap_sync_state(fmap_sync *h, fmap_syncstate *st)
 
 /* ---- acquiring ---------------------------------------------------------- */
 
-/* The outcome of a pthread lock call: FMAP_OK, FMAP_WAIT_TIMEOUT or an error. */
+/* The outcome of fmap_rlock_take for a mutex: FMAP_OK (with the new depth),
+   FMAP_WAIT_TIMEOUT, FMAP_WAIT_INTR or an error. */
 static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fmap_err *e)
 {
-    if (rc == EOWNERDEAD) {
+    switch (rc) {
+    case RLOCK_ABANDONED:
         /* WAIT_ABANDONED: its owner died holding it; we own it now, and the
            caller is told that what it guards may be half updated. */
-        pthread_mutex_consistent(&s->st.m);
         s->st.depth = 0;
         *abandoned = 1;
-        rc = 0;
-    }
-    if (rc == 0) {
-        *depth = (int)++s->st.depth;
+        /* fall through */
+    case RLOCK_OK:
+        s->st.depth = 1;
+        *depth = 1;
+        return FMAP_OK;
+    case RLOCK_MINE: {
+        uint32_t d = s->st.depth;
+        /* Windows' limit is a LONG's; the depth is an int to the caller. */
+        if (d >= INT_MAX)
+            return fail(e, FMAP_ESYS, EAGAIN, "mutex recursion limit");
+        s->st.depth = d + 1;
+        *depth = (int)(d + 1);
         return FMAP_OK;
     }
-    if (rc == EBUSY || rc == ETIMEDOUT)
+    case RLOCK_BUSY:
+    case RLOCK_TIMEOUT:
         return FMAP_WAIT_TIMEOUT;
-    if (rc == ENOTRECOVERABLE)
-        return fail(e, FMAP_ECORRUPT, rc, "the mutex is not recoverable");
-    if (rc == EAGAIN)
-        return fail(e, FMAP_ESYS, rc, "mutex recursion limit");
-    return fail(e, FMAP_ESYS, rc, "pthread_mutex_lock");
-}
-
-static int mutex_lock_until(struct sync_page *s, uint64_t deadline)
-{
-#if HAVE_CLOCKLOCK
-    struct timespec ts = ns_ts(deadline);
-    return pthread_mutex_clocklock(&s->st.m, CLOCK_MONOTONIC, &ts);
-#else
-    struct timespec ts;
-    uint64_t now = fmap_clock_ns();
-    clock_gettime(CLOCK_REALTIME, &ts);
-    uint64_t rt = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-    ts = ns_ts(rt + (deadline > now ? deadline - now : 0));
-    return pthread_mutex_timedlock(&s->st.m, &ts);
-#endif
+    case RLOCK_INTR:
+        return FMAP_WAIT_INTR;
+    default:
+        return fail(e, FMAP_ESYS, errno, "futex wait");
+    }
 }
 
 /* Take one unit of a semaphore or event; 1 when taken. */
@@ -412,19 +320,39 @@ static int looks_free(const fmap_sync *h)
 {
     struct sync_page *s = h->p;
     if (h->type == FMAP_T_MUTEX) {
-        uint32_t w = mutex_word(s);
-        return !(w & FUTEX_TID_MASK) || (int)(w & FUTEX_TID_MASK) == my_tid();
+        return !fmap_rlock_owner(&s->st.lock, NULL) || fmap_rlock_mine(&s->st.lock);
     }
     return __atomic_load_n(&s->st.word, __ATOMIC_RELAXED) != 0;
 }
 
-int fmap_sync_trywait(fmap_sync *h, int *depth, int *abandoned, fmap_err *e)
+/* One try.  ask: for a mutex owned by another thread, look whether that
+   owner is gone (a few µs): what a caller's try must do (WAIT_ABANDONED at
+   once), which spin loops leave to the calls before and after them. */
+static int try_one(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
 {
     struct sync_page *s = h->p;
     *abandoned = 0;
     if (h->type == FMAP_T_MUTEX)
-        return mutex_got(s, pthread_mutex_trylock(&s->st.m), depth, abandoned, e);
+        return mutex_got(s, fmap_rlock_take(&s->st.lock, 0, ask), depth, abandoned, e);
     return take(h) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
+}
+
+int fmap_sync_trywait(fmap_sync *h, int *depth, int *abandoned, fmap_err *e)
+{
+    return try_one(h, 1, depth, abandoned, e);
+}
+
+static int try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
+                   int *abandoned, fmap_err *e)
+{
+    for (int i = 0; i < n; i++) {
+        int rc = try_one(v[i], ask, depth, abandoned, e);
+        if (rc == FMAP_WAIT_TIMEOUT)
+            continue;
+        *index = i;
+        return rc;
+    }
+    return FMAP_WAIT_TIMEOUT;
 }
 
 /* Sleep on a semaphore's or event's word until taken or deadline. */
@@ -497,28 +425,24 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int *depth
         spin_start(&sp, spin_ns, deadline);
         do {
             if (looks_free(h)) {
-                int rc = fmap_sync_trywait(h, depth, abandoned, e);
+                int rc = try_one(h, 0, depth, abandoned, e);
                 if (rc != FMAP_WAIT_TIMEOUT)
                     return rc;
             }
         } while (spin_more(&sp));
     }
+    /* The caller has just tried, owner question included (take_one): the
+       lock asks again after each full poll. */
     if (h->type == FMAP_T_MUTEX)
-        return mutex_got(h->p, mutex_lock_until(h->p, deadline), depth, abandoned, e);
+        return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, 0),
+                         depth, abandoned, e);
     return word_wait(h, deadline, e);
 }
 
 int fmap_sync_try_any(fmap_sync *const *v, int n, int *index, int *depth, int *abandoned,
                       fmap_err *e)
 {
-    for (int i = 0; i < n; i++) {
-        int rc = fmap_sync_trywait(v[i], depth, abandoned, e);
-        if (rc == FMAP_WAIT_TIMEOUT)
-            continue;
-        *index = i;
-        return rc;
-    }
-    return FMAP_WAIT_TIMEOUT;
+    return try_any(v, n, 1, index, depth, abandoned, e);
 }
 
 struct waitv {                  /* struct futex_waitv, Linux 5.16 */
@@ -539,13 +463,18 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         spinner sp;
         spin_start(&sp, spin_ns, deadline);
         do {
-            rc = fmap_sync_try_any(v, n, index, depth, abandoned, e);
+            rc = try_any(v, n, 0, index, depth, abandoned, e);
             if (rc != FMAP_WAIT_TIMEOUT)
                 return rc;
         } while (spin_more(&sp));
     }
     for (int i = 0; i < n; i++)
         __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+    /* A mutex's owner dying changes no seq: whether it is gone is asked by
+       the caller's try before the first call and by the try after a sleep
+       that ran to the deadline (the caller's slices, ANY_SLICE_NS, bound the
+       time it goes unnoticed), not on every wake. */
+    int ask = 0;
     for (;;) {
         /* Snapshot before trying: a release after the try changes seq, and
            futex_waitv then returns at once. */
@@ -555,7 +484,8 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
             w[i].flags = FUTEX_32_FLAG;
             w[i].reserved = 0;
         }
-        rc = fmap_sync_try_any(v, n, index, depth, abandoned, e);
+        rc = try_any(v, n, ask, index, depth, abandoned, e);
+        ask = 0;
         if (rc != FMAP_WAIT_TIMEOUT)
             break;
         uint64_t now = fmap_clock_ns();
@@ -565,10 +495,12 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         if (syscall(SYS_futex_waitv, w, n, 0, &ts, CLOCK_MONOTONIC) >= 0)
             continue;
         int err = errno;
-        if (err == EAGAIN || err == ETIMEDOUT)
+        if (err == EAGAIN || err == ETIMEDOUT) {
+            ask = err == ETIMEDOUT;
             continue;   /* try again; the deadline check ends it */
+        }
         if (err == EINTR) {
-            rc = fmap_sync_try_any(v, n, index, depth, abandoned, e);
+            rc = try_any(v, n, 0, index, depth, abandoned, e);
             if (rc == FMAP_WAIT_TIMEOUT)
                 rc = FMAP_WAIT_INTR;
             break;
@@ -578,11 +510,12 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
             uint64_t until = deadline - now > 1000000u ? now + 1000000u : deadline;
             struct timespec t = ns_ts(until);
             if (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR) {
-                rc = fmap_sync_try_any(v, n, index, depth, abandoned, e);
+                rc = try_any(v, n, 0, index, depth, abandoned, e);
                 if (rc == FMAP_WAIT_TIMEOUT)
                     rc = FMAP_WAIT_INTR;
                 break;
             }
+            ask = until == deadline;
             continue;
         }
         rc = fail(e, FMAP_ESYS, err, "futex_waitv");
@@ -598,17 +531,17 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
 int fmap_mutex_release(fmap_sync *h, fmap_err *e)
 {
     struct sync_page *s = h->p;
-    if ((mutex_word(s) & FUTEX_TID_MASK) != (uint32_t)my_tid())
+    if (!fmap_rlock_mine(&s->st.lock))
         return fail(e, FMAP_ENOTOWNER, EPERM, "mutex release");
     uint32_t depth = s->st.depth;
-    s->st.depth = depth > 1 ? depth - 1 : 0;
-    int rc = pthread_mutex_unlock(&s->st.m);
-    if (rc != 0) {
-        s->st.depth = depth;
-        return fail(e, rc == EPERM ? FMAP_ENOTOWNER : FMAP_ESYS, rc, "pthread_mutex_unlock");
+    if (depth > 1) {
+        s->st.depth = depth - 1;
+        return FMAP_OK;
     }
-    if (depth <= 1)
-        seq_signal(s);
+    s->st.depth = 0;
+    if (fmap_rlock_give(&s->st.lock) != 0)
+        return fail(e, FMAP_ENOTOWNER, EPERM, "mutex release");
+    seq_signal(s);
     return FMAP_OK;
 }
 
