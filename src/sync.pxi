@@ -15,6 +15,11 @@ cdef uint64_t SLICE_NS = 50000000
 # wait_any: a mutex whose owner dies wakes nobody on the change counters that
 # wait_any sleeps on, so it looks again this often.
 cdef uint64_t ANY_SLICE_NS = 20000000
+# Nothing wakes a mutex's waiters when its owner dies: they ask whether it is
+# gone (a kill(2) and a /proc read) every ASK_NS in the first ASK_KEEN_NS of
+# a wait, then once a slice, so a long wait costs little.
+cdef uint64_t ASK_NS = 10000000
+cdef uint64_t ASK_KEEN_NS = 1000000000
 cdef double MAX_SPIN_US = 1e6
 cdef uint64_t FOREVER = <uint64_t>-1
 
@@ -99,15 +104,17 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
     cdef fmap_err e
     cdef int rc, depth = 0, ab = 0
     cdef fmap_sync *page
-    cdef uint64_t now, end, until
+    cdef uint64_t now, end, until, start
     if h.fd < 0:
         check_open(h)
     page = h.page
-    rc = fmap_sync_trywait(page, &depth, &ab, &e)
+    # Whether a busy mutex's owner is gone is asked here only when this try
+    # is the whole wait; else on the way to sleep, after any spin.
+    rc = fmap_sync_trywait(page, timeout_ns == 0, &depth, &ab, &e)
     if rc == FMAP_WAIT_TIMEOUT:
         if timeout_ns == 0:
             return 0
-        now = fmap_clock_ns()
+        now = start = fmap_clock_ns()
         end = FOREVER if timeout_ns < 0 else now + <uint64_t>timeout_ns
         h.waiting += 1
         try:
@@ -116,7 +123,9 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
                 if until > end:
                     until = end
                 with nogil:
-                    rc = fmap_sync_wait(page, spin_ns, until, &depth, &ab, &e)
+                    rc = fmap_sync_wait(page, spin_ns, until,
+                                        ASK_NS if now - start < ASK_KEEN_NS else SLICE_NS,
+                                        &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 spin_ns = 0
@@ -188,7 +197,8 @@ def _wait_any(tuple objects, timeout=None, spin=None):
     cdef int n = len(objects), i, idx = -1, depth = 0, ab = 0, rc
     cdef int64_t t = parse_timeout(timeout)
     cdef uint64_t sp = parse_spin(spin)
-    cdef uint64_t now, end, until
+    cdef uint64_t now, end, until, start
+    cdef unsigned slices = 0
     cdef SyncHandle h
     if n < 1 or n > FMAP_WAIT_MAX:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,
@@ -197,11 +207,11 @@ def _wait_any(tuple objects, timeout=None, spin=None):
         h = objects[i]
         check_open(h)
         pages[i] = h.page
-    rc = fmap_sync_try_any(pages, n, &idx, &depth, &ab, &e)
+    rc = fmap_sync_try_any(pages, n, t == 0, &idx, &depth, &ab, &e)     # as take_one
     if rc == FMAP_WAIT_TIMEOUT:
         if t == 0:
             return None
-        now = fmap_clock_ns()
+        now = start = fmap_clock_ns()
         end = FOREVER if t < 0 else now + <uint64_t>t
         for i in range(n):
             (<SyncHandle>objects[i]).waiting += 1
@@ -210,8 +220,12 @@ def _wait_any(tuple objects, timeout=None, spin=None):
                 until = now + ANY_SLICE_NS
                 if until > end:
                     until = end
+                # owners asked every slice for ASK_KEEN_NS, then every third
                 with nogil:
-                    rc = fmap_sync_wait_any(pages, n, sp, until, &idx, &depth, &ab, &e)
+                    rc = fmap_sync_wait_any(pages, n, sp, until,
+                                            now - start < ASK_KEEN_NS or slices % 3 == 0,
+                                            &idx, &depth, &ab, &e)
+                slices += 1
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 sp = 0

@@ -244,17 +244,22 @@ void fmap_sync_state(fmap_sync *s, fmap_syncstate *st);
 
 /* Acquire (mutex, semaphore) or wait for (event) one object.  *depth: the
    mutex's recursion depth after acquiring (1 = this call made the caller the
-   owner); *abandoned: the owner died holding it (WAIT_ABANDONED). */
-int fmap_sync_trywait(fmap_sync *s, int *depth, int *abandoned, fmap_err *e);
-/* Spin up to spin_ns trying, then sleep until deadline. */
-int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int *depth,
-                   int *abandoned, fmap_err *e);
+   owner); *abandoned: the owner died holding it (WAIT_ABANDONED).
+   Nothing tells a mutex's waiters that its owner died: they ask whether it
+   is gone (a few µs), where `ask` says: a try that is the whole wait must,
+   one followed by a wait need not. */
+int fmap_sync_trywait(fmap_sync *s, int ask, int *depth, int *abandoned, fmap_err *e);
+/* Spin up to spin_ns trying, then sleep until deadline.  A mutex's waiter
+   asks after the owner when it goes to sleep and every ask_ns while asleep. */
+int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, uint64_t ask_ns,
+                   int *depth, int *abandoned, fmap_err *e);
 /* The first of n objects (in order) that can be acquired: *index.  Sleeps on
-   every object's change counter (futex_waitv) until deadline. */
-int fmap_sync_try_any(fmap_sync *const *v, int n, int *index, int *depth,
+   every object's change counter (futex_waitv) until deadline; asks after
+   owners (as trywait) on its first try when `ask`. */
+int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
                       int *abandoned, fmap_err *e);
 int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t deadline,
-                       int *index, int *depth, int *abandoned, fmap_err *e);
+                       int ask, int *index, int *depth, int *abandoned, fmap_err *e);
 
 int fmap_mutex_release(fmap_sync *s, fmap_err *e);           /* FMAP_ENOTOWNER */
 int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e);   /* FMAP_ELIMIT */

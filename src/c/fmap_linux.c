@@ -647,6 +647,7 @@ int fmap_view_flush(void *addr, size_t length, int wait, fmap_err *e)
    microseconds; past this it is taken for a child that died or a failed fork. */
 #define PENDING_NS 2000000000ull
 #define LOCK_TIMEOUT_S 10
+#define REG_POLL_NS 10000000u     /* a registry lock waiter asks after the owner */
 
 enum { H_FREE = 0, H_LIVE = 1, H_PENDING = 2 };
 enum { E_FREE = 0, E_LIVE = 1 };
@@ -883,7 +884,7 @@ static int reg_lock(fmap_reg *r, fmap_err *e)
 {
     uint64_t deadline = fmap_clock_ns() + LOCK_TIMEOUT_S * 1000000000ull;
     for (;;) {
-        switch (fmap_rlock_take(&r->h->lock, deadline, 1)) {
+        switch (fmap_rlock_take(&r->h->lock, deadline, 1, REG_POLL_NS)) {
         case RLOCK_OK:
             return FMAP_OK;
         case RLOCK_MINE:

@@ -17,11 +17,6 @@
 #define LOW_HALF 0
 #endif
 
-/* A sleeping waiter looks at the owner this often: nothing wakes it when the
-   owner dies (the kernel's robust list would, but that list is what we keep
-   out of shared memory). */
-#define RLOCK_POLL_NS 10000000u
-
 _Static_assert(sizeof(fmap_rlock) == 8, "fmap_rlock is one 64-bit word");
 
 /* ---- who we are --------------------------------------------------------- */
@@ -134,7 +129,7 @@ static int cas(fmap_rlock *l, uint64_t *expected, uint64_t desired)
    changing (a forger's) cannot hold a taker past its deadline. */
 #define RETRIES_PER_LOOK 64
 
-int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask)
+int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask, uint64_t poll_ns)
 {
     uint64_t me = self_word(), w = 0;
     if (cas(l, &w, me))
@@ -180,7 +175,10 @@ int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask)
         uint64_t now = fmap_clock_ns();
         if (now >= deadline)
             return RLOCK_TIMEOUT;
-        uint64_t until = deadline - now > RLOCK_POLL_NS ? now + RLOCK_POLL_NS : deadline;
+        /* Nothing wakes a sleeper when the owner dies (the kernel's robust
+           list would, but that list is what we keep out of shared memory):
+           it wakes every poll_ns to ask. */
+        uint64_t until = poll_ns && deadline - now > poll_ns ? now + poll_ns : deadline;
         int r = futex_wait_until(futex_of(l), (uint32_t)w, until);
         if (r == EINTR)
             return RLOCK_INTR;

@@ -17,7 +17,7 @@
  * With no robust list, the kernel tells nobody that an owner died: a taker
  * finds out itself, by asking whether the owner's thread still exists and is
  * not a zombie, a newer thread with a reused id, or its process after an
- * exec, when it tries and every RLOCK_POLL_NS while it sleeps; it then takes
+ * exec, when it tries and now and then while it sleeps; it then takes
  * the lock over with one CAS from that exact word, so only one taker gets it.
  * Where the answer is unclear (no /proc, hidepid, an owner of another user
  * or not dumpable), the owner is taken to be alive: a dead one then keeps
@@ -54,8 +54,8 @@ enum {
 /* Take the lock; deadline is an absolute CLOCK_MONOTONIC time in ns, or 0 to
    try once without sleeping (then RLOCK_BUSY instead of a wait).  ask: look
    at once whether a busy lock's owner is gone (a few µs); a sleeping taker
-   looks every RLOCK_POLL_NS whatever it says. */
-int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask);
+   looks again every poll_ns (0: not before the deadline). */
+int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask, uint64_t poll_ns);
 /* Give it back; -1 (and nothing done) when the caller does not own it. */
 int fmap_rlock_give(fmap_rlock *l);
 /* Make the calling thread its owner, for a lock no one else can see yet. */

@@ -333,13 +333,13 @@ static int try_one(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *
     struct sync_page *s = h->p;
     *abandoned = 0;
     if (h->type == FMAP_T_MUTEX)
-        return mutex_got(s, fmap_rlock_take(&s->st.lock, 0, ask), depth, abandoned, e);
+        return mutex_got(s, fmap_rlock_take(&s->st.lock, 0, ask, 0), depth, abandoned, e);
     return take(h) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
 }
 
-int fmap_sync_trywait(fmap_sync *h, int *depth, int *abandoned, fmap_err *e)
+int fmap_sync_trywait(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
 {
-    return try_one(h, 1, depth, abandoned, e);
+    return try_one(h, ask, depth, abandoned, e);
 }
 
 static int try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
@@ -416,8 +416,8 @@ static int spin_more(spinner *sp)
     return 1;
 }
 
-int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int *depth,
-                   int *abandoned, fmap_err *e)
+int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, uint64_t ask_ns,
+                   int *depth, int *abandoned, fmap_err *e)
 {
     *abandoned = 0;
     if (spin_ns) {
@@ -431,18 +431,19 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int *depth
             }
         } while (spin_more(&sp));
     }
-    /* The caller has just tried, owner question included (take_one): the
-       lock asks again after each full poll. */
+    /* Asked on the way to sleep, not only after a full poll: a signal that
+       comes more often than the poll (an interval timer) would end every
+       sleep early, and the question would never be asked. */
     if (h->type == FMAP_T_MUTEX)
-        return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, 0),
-                         depth, abandoned, e);
+        return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, 1,
+                                               ask_ns), depth, abandoned, e);
     return word_wait(h, deadline, e);
 }
 
-int fmap_sync_try_any(fmap_sync *const *v, int n, int *index, int *depth, int *abandoned,
-                      fmap_err *e)
+int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
+                      int *abandoned, fmap_err *e)
 {
-    return try_any(v, n, 1, index, depth, abandoned, e);
+    return try_any(v, n, ask, index, depth, abandoned, e);
 }
 
 struct waitv {                  /* struct futex_waitv, Linux 5.16 */
@@ -453,7 +454,7 @@ struct waitv {                  /* struct futex_waitv, Linux 5.16 */
 };
 
 int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t deadline,
-                       int *index, int *depth, int *abandoned, fmap_err *e)
+                       int ask, int *index, int *depth, int *abandoned, fmap_err *e)
 {
     struct waitv w[FMAP_WAIT_MAX];
     int rc;
@@ -470,11 +471,9 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
     }
     for (int i = 0; i < n; i++)
         __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
-    /* A mutex's owner dying changes no seq: whether it is gone is asked by
-       the caller's try before the first call and by the try after a sleep
-       that ran to the deadline (the caller's slices, ANY_SLICE_NS, bound the
-       time it goes unnoticed), not on every wake. */
-    int ask = 0;
+    /* A mutex's owner dying changes no seq: whether it is gone is asked on
+       the first try after the spin, when the caller says (its slices bound
+       the time a death goes unnoticed), not on every wake. */
     for (;;) {
         /* Snapshot before trying: a release after the try changes seq, and
            futex_waitv then returns at once. */
@@ -495,10 +494,8 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         if (syscall(SYS_futex_waitv, w, n, 0, &ts, CLOCK_MONOTONIC) >= 0)
             continue;
         int err = errno;
-        if (err == EAGAIN || err == ETIMEDOUT) {
-            ask = err == ETIMEDOUT;
+        if (err == EAGAIN || err == ETIMEDOUT)
             continue;   /* try again; the deadline check ends it */
-        }
         if (err == EINTR) {
             rc = try_any(v, n, 0, index, depth, abandoned, e);
             if (rc == FMAP_WAIT_TIMEOUT)
@@ -515,7 +512,6 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
                     rc = FMAP_WAIT_INTR;
                 break;
             }
-            ask = until == deadline;
             continue;
         }
         rc = fail(e, FMAP_ESYS, err, "futex_waitv");
