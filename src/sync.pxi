@@ -17,9 +17,20 @@ cdef uint64_t SLICE_NS = 50000000
 cdef uint64_t ANY_SLICE_NS = 20000000
 # Nothing wakes a mutex's waiters when its owner dies: they ask whether it is
 # gone (a kill(2) and a /proc read) every ASK_NS in the first ASK_KEEN_NS of
-# a wait, then once a slice, so a long wait costs little.
+# a wait, then every ASK_LATER_NS, so a long wait costs little; however
+# often signals cut its sleeps short.
 cdef uint64_t ASK_NS = 10000000
 cdef uint64_t ASK_KEEN_NS = 1000000000
+cdef uint64_t ASK_LATER_NS = 50000000
+
+
+cdef inline uint64_t ask_every(uint64_t now, uint64_t start, uint64_t keen) nogil:
+    return keen if now - start < ASK_KEEN_NS else ASK_LATER_NS
+
+
+cdef inline bint ask_due(uint64_t now, uint64_t last, uint64_t every) nogil:
+    # three quarters: a slice as long as `every` still asks each time
+    return now - last >= every - every // 4
 cdef double MAX_SPIN_US = 1e6
 cdef uint64_t FOREVER = <uint64_t>-1
 
@@ -104,7 +115,8 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
     cdef fmap_err e
     cdef int rc, depth = 0, ab = 0
     cdef fmap_sync *page
-    cdef uint64_t now, end, until, start
+    cdef uint64_t now, end, until, start, every, asked = 0
+    cdef bint ask
     if h.fd < 0:
         check_open(h)
     page = h.page
@@ -122,10 +134,12 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
                 until = now + SLICE_NS
                 if until > end:
                     until = end
+                every = ask_every(now, start, ASK_NS)
+                ask = ask_due(now, asked, every)
+                if ask:
+                    asked = now
                 with nogil:
-                    rc = fmap_sync_wait(page, spin_ns, until,
-                                        ASK_NS if now - start < ASK_KEEN_NS else SLICE_NS,
-                                        &depth, &ab, &e)
+                    rc = fmap_sync_wait(page, spin_ns, until, ask, every, &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 spin_ns = 0
@@ -197,8 +211,8 @@ def _wait_any(tuple objects, timeout=None, spin=None):
     cdef int n = len(objects), i, idx = -1, depth = 0, ab = 0, rc
     cdef int64_t t = parse_timeout(timeout)
     cdef uint64_t sp = parse_spin(spin)
-    cdef uint64_t now, end, until, start
-    cdef unsigned slices = 0
+    cdef uint64_t now, end, until, start, asked = 0
+    cdef bint ask
     cdef SyncHandle h
     if n < 1 or n > FMAP_WAIT_MAX:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,
@@ -220,12 +234,13 @@ def _wait_any(tuple objects, timeout=None, spin=None):
                 until = now + ANY_SLICE_NS
                 if until > end:
                     until = end
-                # owners asked every slice for ASK_KEEN_NS, then every third
+                # a mutex's owner asked after every slice at first (nothing
+                # in between), then every ASK_LATER_NS
+                ask = ask_due(now, asked, ask_every(now, start, ANY_SLICE_NS))
+                if ask:
+                    asked = now
                 with nogil:
-                    rc = fmap_sync_wait_any(pages, n, sp, until,
-                                            now - start < ASK_KEEN_NS or slices % 3 == 0,
-                                            &idx, &depth, &ab, &e)
-                slices += 1
+                    rc = fmap_sync_wait_any(pages, n, sp, until, ask, &idx, &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 sp = 0

@@ -250,9 +250,10 @@ void fmap_sync_state(fmap_sync *s, fmap_syncstate *st);
    one followed by a wait need not. */
 int fmap_sync_trywait(fmap_sync *s, int ask, int *depth, int *abandoned, fmap_err *e);
 /* Spin up to spin_ns trying, then sleep until deadline.  A mutex's waiter
-   asks after the owner when it goes to sleep and every ask_ns while asleep. */
-int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, uint64_t ask_ns,
-                   int *depth, int *abandoned, fmap_err *e);
+   asks after the owner when it goes to sleep if `ask`, and every ask_ns
+   while asleep. */
+int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int ask,
+                   uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e);
 /* The first of n objects (in order) that can be acquired: *index.  Sleeps on
    every object's change counter (futex_waitv) until deadline; asks after
    owners (as trywait) on its first try when `ask`. */

@@ -183,7 +183,7 @@ int fmap_rlock_take(fmap_rlock *l, uint64_t deadline, int ask, uint64_t poll_ns)
         if (r == EINTR)
             return RLOCK_INTR;
         if (r == ETIMEDOUT)
-            ask = 1;
+            ask = until != deadline;    /* at the deadline, the caller's next call asks */
         else if (r != 0) {
             errno = r;
             return RLOCK_ERROR;

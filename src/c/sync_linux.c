@@ -416,8 +416,8 @@ static int spin_more(spinner *sp)
     return 1;
 }
 
-int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, uint64_t ask_ns,
-                   int *depth, int *abandoned, fmap_err *e)
+int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
+                   uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e)
 {
     *abandoned = 0;
     if (spin_ns) {
@@ -431,11 +431,12 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, uint64_t a
             }
         } while (spin_more(&sp));
     }
-    /* Asked on the way to sleep, not only after a full poll: a signal that
-       comes more often than the poll (an interval timer) would end every
-       sleep early, and the question would never be asked. */
+    /* Asked on the way to sleep (when the caller says), not only after a
+       full poll: a signal that comes more often than the poll (an interval
+       timer) would end every sleep early, and the question would never be
+       asked. */
     if (h->type == FMAP_T_MUTEX)
-        return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, 1,
+        return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, ask,
                                                ask_ns), depth, abandoned, e);
     return word_wait(h, deadline, e);
 }

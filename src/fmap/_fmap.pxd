@@ -142,8 +142,8 @@ cdef extern from "c/fmap.h" nogil:
     void fmap_sync_discard(fmap_sync *s)
     void fmap_sync_state(fmap_sync *s, fmap_syncstate *st)
     int fmap_sync_trywait(fmap_sync *s, int ask, int *depth, int *abandoned, fmap_err *e)
-    int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, uint64_t ask_ns,
-                       int *depth, int *abandoned, fmap_err *e)
+    int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int ask,
+                       uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e)
     int fmap_sync_try_any(fmap_sync **v, int n, int ask, int *index, int *depth,
                           int *abandoned, fmap_err *e)
     int fmap_sync_wait_any(fmap_sync **v, int n, uint64_t spin_ns, uint64_t deadline,
