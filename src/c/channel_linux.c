@@ -476,22 +476,32 @@ static void reap(fmap_chanmap *m, uint32_t i)
     fmap_chan_wake_producers(m, INT_MAX);
 }
 
-/* Dead sleepers' records reaped by one call at most: each reap walks the
-   ring, with the caller's GIL held, and records written to look like dead
-   sleepers (any process holding the channel can) made 1000 walks, 17 s at
-   capacity 2^24.  The rest wait for a later call (the next 1024 wakes that
-   find nobody, or stats()).  One record at a time, each back to free as
-   soon as it is reaped: a reaper killed meanwhile strands one record (left
-   REAPING for good), not all it had taken. */
-#define REAP_MAX 4u
+/* How long one call goes on reaping dead sleepers' records (it reaps one
+   at least): each reap walks the ring, with the caller's GIL held, and
+   records written to look like dead sleepers (any process holding the
+   channel can) made 1000 walks, 17 s at capacity 2^24.  The rest wait for a
+   later call (the next 1024 wakes that find nobody, or stats()).  A budget,
+   not a count: the 40 consumers of a killed process group, on a ring of a
+   few thousand slots, go in one call (a count of 4 left stats() reading
+   high for 10 calls, and publishers making futex_wake calls for nobody).
+   One record at a time, each back to free as soon as it is reaped: a
+   reaper killed meanwhile strands one record (left REAPING for good), not
+   all it had taken. */
+#define REAP_BUDGET_NS 1000000u
 
 /* Wakes found nobody asleep many times over: a sleeper may have died counted.
    Give back the records of dead processes that were sleeping. */
 static void reap_sleepers(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
-    uint32_t reaped = 0;
-    for (uint32_t i = 0; i < FMAP_CHAN_PARTS && reaped < REAP_MAX; i++) {
+    uint64_t until = fmap_clock_ns() + REAP_BUDGET_NS;
+    int reaped = 0;
+    for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
+        /* The /proc reads of part_dead count too, once one is reaped (before,
+           the scan goes on: records are looked at from the first each call,
+           and live sleepers ahead must not keep it from the dead ones). */
+        if (reaped && i % 16 == 0 && fmap_clock_ns() >= until)
+            break;
         uint32_t pid = __atomic_load_n(&h->parts[i].pid, __ATOMIC_SEQ_CST);
         if (pid == 0 || pid == REAPING ||
             !(__atomic_load_n(&h->parts[i].sleeping[0], __ATOMIC_SEQ_CST) |
@@ -503,7 +513,9 @@ static void reap_sleepers(fmap_chanmap *m)
             reap(m, i);
             __atomic_store_n(&h->parts[i].start, 0, __ATOMIC_SEQ_CST);
             __atomic_store_n(&h->parts[i].pid, 0, __ATOMIC_SEQ_CST);
-            reaped++;
+            reaped = 1;
+            if (fmap_clock_ns() >= until)
+                break;
         }
     }
 }
