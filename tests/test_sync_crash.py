@@ -145,9 +145,9 @@ def test_thread_exits_holding_the_mutex(name):
         t.start()
         t.join(CHILD_TIMEOUT)
         assert not t.is_alive()
-        # join() returns before the OS thread is gone; the kernel marks the
-        # mutex abandoned when it is.  Wait for that (bounded), so that the
-        # `with` below cannot block for good.
+        # join() returns before the OS thread is gone; the mutex reads as
+        # abandoned once it is.  Wait for that (bounded), so that the `with`
+        # below cannot block for good.
         assert poll(lambda: "abandoned" in repr(m), timeout=CHILD_TIMEOUT), repr(m)
         with m:
             assert m.abandoned
