@@ -1174,6 +1174,7 @@ print(ok, refused)
 # struct fmap_chan past HEADER (channel_linux.c): the cursors, and the
 # participant records (u32 pid, u32 pad, u64 start, u32 sleeping[2], pad).
 HEAD_AT, TAIL_AT, PARTS_AT, PART = 256, 384, 768, struct.Struct("=IIQII8x")
+SLEEPERS_AT = (516, 644)    # data.sleepers, space.sleepers: the totals
 
 
 def forge_dead_sleepers(mem, cap):
@@ -1250,6 +1251,53 @@ def test_a_reaper_killed_while_reaping_strands_one_record_at_most():
         pids = pids()
         assert pids.count(0x3FFFFFF0) < len(forged), "the reaper reaped nothing"
         assert pids.count(0xFFFFFFFF) <= 1, pids.count(0xFFFFFFFF)   # REAPING
+    finally:
+        mem.close()
+        ch.close()
+
+
+def test_a_reaper_holds_one_record_at_a_time_when_its_wakes_miss():
+    # reap() wakes both sides; with the sleeper totals high (forged here; a
+    # sleeper killed counted does the same) those wakes find nobody, and
+    # 1024 such misses called the reaper again from inside itself: it held
+    # two records REAPING at once, two to strand if killed, and spent two
+    # time budgets.  The reaper, stopped again and again, is never seen
+    # holding more than one.
+    cap = 1 << 18
+    ch = fmap.Channel.create(None, cap, message_size=16)
+    mem = scribbler(ch)
+    try:
+        forged = forge_dead_sleepers(mem, cap)
+        for at in SLEEPERS_AT:
+            struct.pack_into("=I", mem, at, 0x7FFFFFFF)
+        pid = os.fork()
+        if pid == 0:                                # the reaper
+            try:
+                while True:
+                    ch.stats()
+            finally:
+                os._exit(0)
+
+        def pids():
+            return [PART.unpack_from(mem, PARTS_AT + PART.size * i)[0] for i in forged]
+        most = 0
+        end = time.monotonic() + 5
+        try:
+            while time.monotonic() < end:
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.0002)                  # (stopped by now, or soon)
+                now = pids()
+                most = max(most, now.count(0xFFFFFFFF))
+                os.kill(pid, signal.SIGCONT)
+                if now.count(0x3FFFFFF0) == 0:
+                    break
+                time.sleep(0.0005)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        left = pids()
+        assert left.count(0x3FFFFFF0) < len(forged) - 100, "the reaper hardly reaped"
+        assert most <= 1 and left.count(0xFFFFFFFF) <= 1, (most, left.count(0xFFFFFFFF))
     finally:
         mem.close()
         ch.close()

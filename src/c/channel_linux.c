@@ -476,8 +476,9 @@ static void reap(fmap_chanmap *m, uint32_t i)
     fmap_chan_wake_producers(m, INT_MAX);
 }
 
-/* How long one call goes on reaping dead sleepers' records (it reaps one
-   at least): each reap walks the ring, with the caller's GIL held, and
+/* How long one call goes on reaping dead sleepers' records, from its first
+   reap (it reaps one at least): each reap walks the ring, with the caller's
+   GIL held, and
    records written to look like dead sleepers (any process holding the
    channel can) made 1000 walks, 17 s at capacity 2^24.  The rest wait for a
    later call (the next 1024 wakes that find nobody, or stats()).  A budget,
@@ -494,13 +495,19 @@ static void reap(fmap_chanmap *m, uint32_t i)
 static void reap_sleepers(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
-    uint64_t until = fmap_clock_ns() + REAP_BUDGET_NS;
-    int reaped = 0;
+    /* Not within itself: reap() wakes both sides, and wakes that find
+       nobody call back here; nested, a reaper held two records (two to
+       strand if killed) and spent two budgets.  Nor in two threads of ours
+       at once: the second leaves it to the first. */
+    if (__atomic_exchange_n(&m->reaping, 1, __ATOMIC_ACQUIRE))
+        return;
+    uint64_t until = 0;
     for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {
-        /* The /proc reads of part_dead count too, once one is reaped (before,
-           the scan goes on: records are looked at from the first each call,
-           and live sleepers ahead must not keep it from the dead ones). */
-        if (reaped && i % 16 == 0 && fmap_clock_ns() >= until)
+        /* The budget runs from the first reap: the scan before it (a /proc
+           read per live sleeper) goes on, since records are looked at from
+           the first each call and live sleepers ahead must not keep it from
+           the dead ones; after it, the /proc reads count too. */
+        if (until && i % 16 == 0 && fmap_clock_ns() >= until)
             break;
         uint32_t pid = __atomic_load_n(&h->parts[i].pid, __ATOMIC_SEQ_CST);
         if (pid == 0 || pid == REAPING ||
@@ -510,14 +517,16 @@ static void reap_sleepers(fmap_chanmap *m)
             continue;
         if (__atomic_compare_exchange_n(&h->parts[i].pid, &pid, REAPING, 0,
                                         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            if (!until)
+                until = fmap_clock_ns() + REAP_BUDGET_NS;
             reap(m, i);
             __atomic_store_n(&h->parts[i].start, 0, __ATOMIC_SEQ_CST);
             __atomic_store_n(&h->parts[i].pid, 0, __ATOMIC_SEQ_CST);
-            reaped = 1;
             if (fmap_clock_ns() >= until)
                 break;
         }
     }
+    __atomic_store_n(&m->reaping, 0, __ATOMIC_RELEASE);
 }
 
 static int join(fmap_chanmap *m, fmap_err *e)
@@ -636,6 +645,7 @@ static int map_all(int fd, const struct geometry *g, fmap_chanmap *m, fmap_err *
     m->spin_cur = UINT64_MAX;   /* the first wait may spin for all of spin_max */
     m->spin_since = 0;
     m->wake_misses = 0;
+    m->reaping = 0;
     memset(&m->cp, 0, sizeof m->cp);
     return FMAP_OK;
 }
