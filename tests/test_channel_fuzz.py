@@ -1189,6 +1189,22 @@ def forge_dead_sleepers(mem, cap):
     return forged
 
 
+def fork_reaper(ch):
+    """A child calling ch.stats() (which reaps dead sleepers) until killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                ch.stats()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def record_pids(mem, records):
+    return [PART.unpack_from(mem, PARTS_AT + PART.size * i)[0] for i in records]
+
+
 @pytest.mark.parametrize("cap", [1 << 12, 1 << 20])
 def test_forged_dead_sleepers_are_reaped_within_a_budget_without_wrapping_the_counts(cap):
     # Every free participant record rewritten as a dead process counted
@@ -1234,21 +1250,13 @@ def test_a_reaper_killed_while_reaping_strands_one_record_at_most():
     mem = scribbler(ch)
     try:
         forged = forge_dead_sleepers(mem, cap)
-        pid = os.fork()
-        if pid == 0:                                # the reaper
-            try:
-                while True:
-                    ch.stats()
-            finally:
-                os._exit(0)
-        def pids():
-            return [PART.unpack_from(mem, PARTS_AT + PART.size * i)[0] for i in forged]
+        pid = fork_reaper(ch)
         end = time.monotonic() + 10
-        while 0xFFFFFFFF not in pids() and time.monotonic() < end:
+        while 0xFFFFFFFF not in record_pids(mem, forged) and time.monotonic() < end:
             pass                                    # until a reap is under way
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        pids = pids()
+        pids = record_pids(mem, forged)
         assert pids.count(0x3FFFFFF0) < len(forged), "the reaper reaped nothing"
         assert pids.count(0xFFFFFFFF) <= 1, pids.count(0xFFFFFFFF)   # REAPING
     finally:
@@ -1270,23 +1278,14 @@ def test_a_reaper_holds_one_record_at_a_time_when_its_wakes_miss():
         forged = forge_dead_sleepers(mem, cap)
         for at in SLEEPERS_AT:
             struct.pack_into("=I", mem, at, 0x7FFFFFFF)
-        pid = os.fork()
-        if pid == 0:                                # the reaper
-            try:
-                while True:
-                    ch.stats()
-            finally:
-                os._exit(0)
-
-        def pids():
-            return [PART.unpack_from(mem, PARTS_AT + PART.size * i)[0] for i in forged]
+        pid = fork_reaper(ch)
         most = 0
         end = time.monotonic() + 5
         try:
             while time.monotonic() < end:
                 os.kill(pid, signal.SIGSTOP)
                 time.sleep(0.0002)                  # (stopped by now, or soon)
-                now = pids()
+                now = record_pids(mem, forged)
                 most = max(most, now.count(0xFFFFFFFF))
                 os.kill(pid, signal.SIGCONT)
                 if now.count(0x3FFFFFF0) == 0:
@@ -1295,7 +1294,7 @@ def test_a_reaper_holds_one_record_at_a_time_when_its_wakes_miss():
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        left = pids()
+        left = record_pids(mem, forged)
         assert left.count(0x3FFFFFF0) < len(forged) - 100, "the reaper hardly reaped"
         assert most <= 1 and left.count(0xFFFFFFFF) <= 1, (most, left.count(0xFFFFFFFF))
     finally:
