@@ -28,9 +28,16 @@ cdef inline uint64_t ask_every(uint64_t now, uint64_t start, uint64_t keen) nogi
     return keen if now - start < ASK_KEEN_NS else ASK_LATER_NS
 
 
-cdef inline bint ask_due(uint64_t now, uint64_t last, uint64_t every) nogil:
+cdef inline bint ask_now(uint64_t now, uint64_t every, uint64_t *asked) nogil:
+    """Whether this slice of a wait, asking every `every` ns, asks after a
+    mutex's owner; if so, *asked (when the wait last asked) becomes now."""
     # three quarters: a slice as long as `every` still asks each time
-    return now - last >= every - every // 4
+    if now - asked[0] >= every - every // 4:
+        asked[0] = now
+        return True
+    return False
+
+
 cdef double MAX_SPIN_US = 1e6
 cdef uint64_t FOREVER = <uint64_t>-1
 
@@ -135,9 +142,7 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
                 if until > end:
                     until = end
                 every = ask_every(now, start, ASK_NS)
-                ask = ask_due(now, asked, every)
-                if ask:
-                    asked = now
+                ask = ask_now(now, every, &asked)
                 with nogil:
                     rc = fmap_sync_wait(page, spin_ns, until, ask, every, &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
@@ -236,9 +241,7 @@ def _wait_any(tuple objects, timeout=None, spin=None):
                     until = end
                 # a mutex's owner asked after every slice at first (nothing
                 # in between), then every ASK_LATER_NS
-                ask = ask_due(now, asked, ask_every(now, start, ANY_SLICE_NS))
-                if ask:
-                    asked = now
+                ask = ask_now(now, ask_every(now, start, ANY_SLICE_NS), &asked)
                 with nogil:
                     rc = fmap_sync_wait_any(pages, n, sp, until, ask, &idx, &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:

@@ -478,9 +478,8 @@ static void reap(fmap_chanmap *m, uint32_t i)
 
 /* How long one call goes on reaping dead sleepers' records, from its first
    reap (it reaps one at least): each reap walks the ring, with the caller's
-   GIL held, and
-   records written to look like dead sleepers (any process holding the
-   channel can) made 1000 walks, 17 s at capacity 2^24.  The rest wait for a
+   GIL held, and records written to look like dead sleepers (any process
+   holding the channel can) made 1000 walks, 17 s at capacity 2^24.  The rest wait for a
    later call (the next 1024 wakes that find nobody, or stats()).  A budget,
    not a count: the 40 consumers of a killed process group, on a ring of a
    few thousand slots, go in one call (a count of 4 left stats() reading

@@ -22,7 +22,7 @@ _Static_assert(sizeof(fmap_rlock) == 8, "fmap_rlock is one 64-bit word");
 /* ---- who we are --------------------------------------------------------- */
 
 static __thread int t_tid;          /* gettid() */
-static __thread uint64_t t_self;    /* our owner word: start time << 32 | tid */
+static __thread uint64_t t_self;    /* our owner word: marks << 32 | tid */
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void after_fork(void)

@@ -22,8 +22,8 @@
  * Where the answer is unclear (no /proc, hidepid, an owner of another user
  * or not dumpable), the owner is taken to be alive: a dead one then keeps
  * the lock until its id is gone or its zombie reaped, never a live one loses
- * it.  An exec with address randomization off (setarch -R) goes unnoticed
- * the same way, 1 time in 65536 with it on.
+ * it.  An exec may go unnoticed the same way with address randomization off
+ * (setarch -R), and 1 time in 65536 with it on.
  *
  * Thread ids and start times are read in one pid and time namespace:
  * processes sharing a lock must see each other's (as they must already, for

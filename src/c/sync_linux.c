@@ -325,10 +325,10 @@ static int looks_free(const fmap_sync *h)
     return __atomic_load_n(&s->st.word, __ATOMIC_RELAXED) != 0;
 }
 
-/* One try.  ask: for a mutex owned by another thread, look whether that
-   owner is gone (a few µs): what a caller's try must do (WAIT_ABANDONED at
-   once), which spin loops leave to the calls before and after them. */
-static int try_one(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
+/* ask: for a mutex owned by another thread, look whether that owner is
+   gone (a few µs): what a caller's try must do (WAIT_ABANDONED at once),
+   which spin loops leave to the calls before and after them. */
+int fmap_sync_trywait(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
 {
     struct sync_page *s = h->p;
     *abandoned = 0;
@@ -337,16 +337,11 @@ static int try_one(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *
     return take(h) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
 }
 
-int fmap_sync_trywait(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
-{
-    return try_one(h, ask, depth, abandoned, e);
-}
-
-static int try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
-                   int *abandoned, fmap_err *e)
+int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
+                      int *abandoned, fmap_err *e)
 {
     for (int i = 0; i < n; i++) {
-        int rc = try_one(v[i], ask, depth, abandoned, e);
+        int rc = fmap_sync_trywait(v[i], ask, depth, abandoned, e);
         if (rc == FMAP_WAIT_TIMEOUT)
             continue;
         *index = i;
@@ -425,7 +420,7 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
         spin_start(&sp, spin_ns, deadline);
         do {
             if (looks_free(h)) {
-                int rc = try_one(h, 0, depth, abandoned, e);
+                int rc = fmap_sync_trywait(h, 0, depth, abandoned, e);
                 if (rc != FMAP_WAIT_TIMEOUT)
                     return rc;
             }
@@ -439,12 +434,6 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
         return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, ask,
                                                ask_ns), depth, abandoned, e);
     return word_wait(h, deadline, e);
-}
-
-int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
-                      int *abandoned, fmap_err *e)
-{
-    return try_any(v, n, ask, index, depth, abandoned, e);
 }
 
 struct waitv {                  /* struct futex_waitv, Linux 5.16 */
@@ -465,7 +454,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         spinner sp;
         spin_start(&sp, spin_ns, deadline);
         do {
-            rc = try_any(v, n, 0, index, depth, abandoned, e);
+            rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
             if (rc != FMAP_WAIT_TIMEOUT)
                 return rc;
         } while (spin_more(&sp));
@@ -484,7 +473,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
             w[i].flags = FUTEX_32_FLAG;
             w[i].reserved = 0;
         }
-        rc = try_any(v, n, ask, index, depth, abandoned, e);
+        rc = fmap_sync_try_any(v, n, ask, index, depth, abandoned, e);
         ask = 0;
         if (rc != FMAP_WAIT_TIMEOUT)
             break;
@@ -498,7 +487,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         if (err == EAGAIN || err == ETIMEDOUT)
             continue;   /* try again; the deadline check ends it */
         if (err == EINTR) {
-            rc = try_any(v, n, 0, index, depth, abandoned, e);
+            rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
             if (rc == FMAP_WAIT_TIMEOUT)
                 rc = FMAP_WAIT_INTR;
             break;
@@ -508,7 +497,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
             uint64_t until = deadline - now > 1000000u ? now + 1000000u : deadline;
             struct timespec t = ns_ts(until);
             if (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR) {
-                rc = try_any(v, n, 0, index, depth, abandoned, e);
+                rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
                 if (rc == FMAP_WAIT_TIMEOUT)
                     rc = FMAP_WAIT_INTR;
                 break;
