@@ -331,19 +331,28 @@ print(" ".join(outcomes))
         assert outcomes[1:3] == [b"opened", b"opened"], outcomes
 
 
+# The word a process's main thread owns a lock with (rlock_linux.c: the thread
+# id, and 16 bits each of its start time and its stack's start, fields 22 and
+# 28 of /proc/<tid>/stat), for the children below.
+OWNER_WORD = """
+def owner_word():
+    def fold16(x):
+        x ^= x >> 32
+        x ^= x >> 16
+        return x & 0xFFFF or 1
+    fields = open("/proc/self/stat").read().rpartition(")")[2].split()
+    marks = fold16(int(fields[19])) << 16 | fold16(int(fields[25]))
+    return marks << 32 | os.getpid()
+"""
+
 # A process that writes the word its main thread would own the registry lock
 # with, then becomes /bin/sleep: the same id and start time, a new stack.
 EXEC_HOLDER = """
 import mmap, os, struct, sys
-def fold16(x):                                          # rlock_linux.c
-    x ^= x >> 32
-    x ^= x >> 16
-    return x & 0xFFFF or 1
+""" + OWNER_WORD + """
 f = open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v2"), "r+b")
 mem = mmap.mmap(f.fileno(), 0)
-fields = open("/proc/self/stat").read().rpartition(")")[2].split()
-start, stack = int(fields[19]), int(fields[25])         # fields 22 and 28
-struct.pack_into("=Q", mem, 40, (fold16(start) << 16 | fold16(stack)) << 32 | os.getpid())
+struct.pack_into("=Q", mem, 40, owner_word())
 os.write(int(sys.argv[1]), b"x")
 os.execv("/bin/sleep", ["sleep", "30"])
 """
@@ -363,6 +372,7 @@ def test_a_forged_registry_lock_word_costs_one_repair(tmp_path, forge):
     code = f"""
 import mmap, os, struct, subprocess, sys, time
 import fmap
+{OWNER_WORD}
 LOCK_AT, REPAIRS_AT = 40, 76                                # reg_header, fmap_linux.c
 keep = fmap.Event.create("fmap-test-lock-forged")
 with open(os.path.join(os.environ["FMAP_RUNTIME_DIR"], "registry.v2"), "r+b") as f:
@@ -381,11 +391,7 @@ elif {forge!r} == "exec":
     while open(f"/proc/{{holder.pid}}/comm").read().strip() != "sleep":
         time.sleep(0.01)
 else:
-    # our own main thread's word exactly (as EXEC_HOLDER makes it)
-    fields = open("/proc/self/stat").read().rpartition(")")[2].split()
-    fold16 = lambda x: (x ^ x >> 32 ^ (x ^ x >> 32) >> 16) & 0xFFFF or 1
-    struct.pack_into("=Q", mem, LOCK_AT, (fold16(int(fields[19])) << 16 |
-                                          fold16(int(fields[25]))) << 32 | os.getpid())
+    struct.pack_into("=Q", mem, LOCK_AT, owner_word())     # our own main thread's, exactly
 t0 = time.monotonic()
 fmap.Event.create("fmap-test-lock-new").close()
 fmap.Event.open("fmap-test-lock-forged").close()

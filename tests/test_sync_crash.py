@@ -110,32 +110,29 @@ def test_an_owner_killed_during_a_signal_storm_is_noticed(name, children, wait):
     # is a child, so the timer disturbs nothing else.
     m = fmap.Mutex.create(name)
     try:
-        _storm(children, name, wait)
+        owner = spawn_owner(children, name)
+        code = textwrap.dedent(f"""
+            import signal, time, fmap
+            m = fmap.Mutex.open({name!r})
+            signal.signal(signal.SIGALRM, lambda *a: None)
+            signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+            print("waiting", flush=True)
+            t0 = time.monotonic()
+            got = (m.acquire(timeout=8) if {wait!r} == "acquire"
+                   else fmap.wait_any([m], timeout=8) == 0)
+            took = time.monotonic() - t0
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            print("got", got, m.abandoned, took, flush=True)
+        """)
+        waiter = children(code)
+        waiter.expect("waiting")
+        time.sleep(0.3)                   # asleep in the wait, the timer running
+        kill(owner)
+        got = waiter.expect("got", timeout=CHILD_TIMEOUT).split()
+        assert got[1:3] == ["True", "True"], got
+        assert float(got[3]) < 4, f"noticed only after {got[3]} s"
     finally:
         m.close()
-
-
-def _storm(children, name, wait):
-    owner = spawn_owner(children, name)
-    code = textwrap.dedent(f"""
-        import signal, time, fmap
-        m = fmap.Mutex.open({name!r})
-        signal.signal(signal.SIGALRM, lambda *a: None)
-        signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
-        print("waiting", flush=True)
-        t0 = time.monotonic()
-        got = m.acquire(timeout=8) if {wait!r} == "acquire" else fmap.wait_any([m], timeout=8) == 0
-        took = time.monotonic() - t0
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        print("got", got, m.abandoned, took, flush=True)
-    """)
-    waiter = children(code)
-    waiter.expect("waiting")
-    time.sleep(0.3)                       # asleep in the wait, the timer running
-    kill(owner)
-    got = waiter.expect("got", timeout=CHILD_TIMEOUT).split()
-    assert got[1:3] == ["True", "True"], got
-    assert float(got[3]) < 4, f"noticed only after {got[3]} s"
 
 
 def test_thread_exits_holding_the_mutex(name):
