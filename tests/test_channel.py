@@ -1704,6 +1704,30 @@ def test_an_idle_wait_burns_no_cpu(closer):
     assert time.process_time() - t0 < 0.1
 
 
+def test_a_slow_pipeline_soon_stops_spinning(closer):
+    # Messages 3 ms apart with a spin of 1 ms: every wait outlasts the spin,
+    # so the budget halves at each one and the consumer soon goes straight to
+    # the futex.  150 messages then cost the consumer about 1 ms of spinning
+    # in all, and a wake-up each; a budget that never shrank would spin 1 ms
+    # per message, 150 ms.
+    n = 150
+    ch = make(closer, capacity=8)
+    ch.spin = 1000
+
+    def produce():
+        for i in range(n):
+            time.sleep(0.003)
+            ch.send(i.to_bytes(4, "little"))
+
+    producer = Background(produce)
+    t0 = time.thread_time()
+    got = [int.from_bytes(ch.recv(timeout=WAIT), "little") for _ in range(n)]
+    used = time.thread_time() - t0
+    producer.result()
+    assert got == list(range(n))
+    assert used < 0.05, f"{used * 1e3:.1f} ms of CPU for {n} waits"
+
+
 def _busy_pipeline_sleeps(ch, n):
     """(consumer, producer) voluntary context switches while n messages go
     through ch, the consumer stopping for 20 us every 1024."""
