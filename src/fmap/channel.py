@@ -52,7 +52,7 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
     if not 0 <= size <= MAX_MESSAGE_SIZE:
         raise _bad(f"message_size must be between 0 and 2**40, not {size}")
     cap = 1 << (cap - 1).bit_length()
-    return _fmap._channel_create(key and name, key, cap, size, bool(exclusive))
+    return _fmap._channel_create(name if key is not None else None, key, cap, size, bool(exclusive))
 
 
 def open(name: str) -> _fmap.Channel:  # noqa: A001 - the fmap vocabulary

@@ -109,10 +109,10 @@ def create(name: str | None = None, size: int | None = None, *, file: Any = None
     size = _size(size, required=file is None)
     key = key_for(name)
     if file is None:
-        return _fmap._create(key and name, key, size, prot, bool(exclusive), bool(populate), -1, None)
+        return _fmap._create(name if key is not None else None, key, size, prot, bool(exclusive), bool(populate), -1, None)
     fd, made = _file_fd(file, prot)
     try:
-        return _fmap._create(key and name, key, size, prot, bool(exclusive), bool(populate),
+        return _fmap._create(name if key is not None else None, key, size, prot, bool(exclusive), bool(populate),
                              fd, file)
     except BaseException:
         if made is not None:

@@ -56,6 +56,19 @@ def _bad(message: str, winerror: int = ERROR_INVALID_PARAMETER) -> ValueError:
 _count = _fmap.parse_count     # one check of int arguments, the core's
 
 
+def _create(otype: int, name: str | None, exclusive: bool, flags: int, count: int,
+            maximum: int) -> Any:
+    """A new or opened handle of otype's class (the caller's return type)."""
+    key = key_for(name)
+    return _fmap._sync_create(otype, name if key is not None else None, key, bool(exclusive),
+                              flags, count, maximum)
+
+
+def _open(otype: int, name: str, kind: str) -> Any:
+    """An opened handle of otype's class (the caller's return type)."""
+    return _fmap._sync_open(otype, name, _name(name, kind))
+
+
 def _name(name: Any, kind: str) -> bytes:
     key = key_for(name)
     if key is None:
@@ -73,15 +86,13 @@ def create_mutex(name: str | None = None, *, owned: bool = False,
       when the name exists, as on Windows.
     exclusive: raise FileExistsError when the name exists.
     """
-    key = key_for(name)
-    return _fmap._sync_create(_MUTEX, key and name, key, bool(exclusive),
-                              _OWNED if owned else 0, 0, 0)
+    return _create(_MUTEX, name, exclusive, _OWNED if owned else 0, 0, 0)
 
 
 def open_mutex(name: str) -> _fmap.Mutex:
     """Open an existing named mutex (OpenMutex): FileNotFoundError when no live
     object has that name, WrongTypeError when another type holds it."""
-    return _fmap._sync_open(_MUTEX, name, _name(name, "mutex"))
+    return _open(_MUTEX, name, "mutex")
 
 
 def create_semaphore(name: str | None = None, initial: int = 0,
@@ -99,14 +110,12 @@ def create_semaphore(name: str | None = None, initial: int = 0,
         raise _bad(f"maximum must be between 1 and {SEMAPHORE_MAX}, not {maximum}")
     if not 0 <= initial <= maximum:
         raise _bad(f"initial must be between 0 and maximum ({maximum}), not {initial}")
-    key = key_for(name)
-    return _fmap._sync_create(_SEMAPHORE, key and name, key, bool(exclusive), 0,
-                              initial, maximum)
+    return _create(_SEMAPHORE, name, exclusive, 0, initial, maximum)
 
 
 def open_semaphore(name: str) -> _fmap.Semaphore:
     """Open an existing named semaphore (OpenSemaphore)."""
-    return _fmap._sync_open(_SEMAPHORE, name, _name(name, "semaphore"))
+    return _open(_SEMAPHORE, name, "semaphore")
 
 
 def create_event(name: str | None = None, *, manual_reset: bool = False,
@@ -118,15 +127,13 @@ def create_event(name: str | None = None, *, manual_reset: bool = False,
     initial: start signalled.
     When the name exists, its kind and state win and `created` is False.
     """
-    key = key_for(name)
-    flags = _MANUAL if manual_reset else 0
-    return _fmap._sync_create(_EVENT, key and name, key, bool(exclusive), flags,
-                              1 if initial else 0, 0)
+    return _create(_EVENT, name, exclusive, _MANUAL if manual_reset else 0,
+                   1 if initial else 0, 0)
 
 
 def open_event(name: str) -> _fmap.Event:
     """Open an existing named event (OpenEvent)."""
-    return _fmap._sync_open(_EVENT, name, _name(name, "event"))
+    return _open(_EVENT, name, "event")
 
 
 def wait_any(objects: Iterable[_fmap.SyncHandle], timeout: float | None = None, *,

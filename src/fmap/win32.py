@@ -89,6 +89,14 @@ def _call(fn: Callable[[], Any], failed: Any) -> Any:
     return result
 
 
+def _done(fn: Callable[[], object]) -> bool:
+    """_call for a call made for its effect: True once fn returned."""
+    def run() -> bool:
+        fn()
+        return True
+    return bool(_call(run, False))
+
+
 def _map_access(desired: int) -> Optional[str]:
     if desired & FILE_MAP_EXECUTE:
         return None
@@ -191,7 +199,7 @@ def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
         SetLastError(ERROR_INVALID_ADDRESS)
         return False
     address = v.address
-    if not _call(lambda: v.close() or True, False):
+    if not _done(v.close):
         return False
     with _lock:
         _views.pop(address, None)
@@ -206,7 +214,7 @@ def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int], dwNumberOfBytesToFlus
         return False
     start = 0 if isinstance(lpBaseAddress, _fmap.View) else lpBaseAddress - v.address
     n = min(int(dwNumberOfBytesToFlush), len(v) - start) if dwNumberOfBytesToFlush else 0
-    return _call(lambda: v.flush(start, n) or True, False)
+    return _done(lambda: v.flush(start, n))
 
 
 def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int]) -> bool:
@@ -215,14 +223,14 @@ def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int]) -> bool:
     if v is None:
         SetLastError(ERROR_INVALID_HANDLE)
         return False
-    return _call(lambda: v.flush(wait=True) or True, False)
+    return _done(lambda: v.flush(wait=True))
 
 
 def CloseHandle(hObject: Any) -> bool:
     if not isinstance(hObject, _fmap.Handle) or hObject.closed:
         SetLastError(ERROR_INVALID_HANDLE)
         return False
-    ok = _call(lambda: hObject.close() or True, False)
+    ok = _done(hObject.close)
     with _lock:
         _handles.discard(hObject)
     return ok
@@ -235,14 +243,13 @@ def DuplicateHandle(hSourceHandle: _fmap.Mapping, dwDesiredAccess: int = 0,
     if not isinstance(hSourceHandle, _fmap.Mapping) or hSourceHandle.closed:
         SetLastError(ERROR_INVALID_HANDLE)
         return None
-    if dwOptions & DUPLICATE_SAME_ACCESS:
-        access = hSourceHandle.access
-    else:
-        access = _map_access(dwDesiredAccess)
-        if access is None:
-            SetLastError(ERROR_INVALID_PARAMETER)
-            return None
-    h = _call(lambda: _fmap._duplicate(hSourceHandle, _fmap.ACCESS[access]), None)
+    access = (hSourceHandle.access if dwOptions & DUPLICATE_SAME_ACCESS
+              else _map_access(dwDesiredAccess))
+    if access is None:
+        SetLastError(ERROR_INVALID_PARAMETER)
+        return None
+    code = _fmap.ACCESS[access]
+    h = _call(lambda: _fmap._duplicate(hSourceHandle, code), None)
     if h is not None:
         with _lock:
             _handles.add(h)
