@@ -489,8 +489,50 @@ static void reap(fmap_chanmap *m, uint32_t i)
    all it had taken. */
 #define REAP_BUDGET_NS 1000000u
 
+/* A side's total counts sleepers that no record counts: a sleeper killed
+   between its two counts (see wait_claim), on the way in or out, or a total
+   written by another process.  Nothing else would ever take them off, and
+   every publish on that side would make a futex_wake call for nobody.
+   Sleepers still between their two counts look the same for an instant, so
+   only an excess this handle saw SETTLE_NS ago and sees again, with the
+   total unchanged since it was read, comes off (the smaller of the two).
+   Wrong, if one live sleeper sat in those two instructions both times: the
+   total is then one low until that sleeper wakes, which it does within
+   DEAD_CHECK_NS; a publish meanwhile may not wake it (uncount stops at 0). */
+#define SETTLE_NS (2 * (uint64_t)DEAD_CHECK_NS)
+
+static void settle_totals(fmap_chanmap *m, uint64_t now)
+{
+    struct fmap_chan *h = m->h;
+    for (int side = 0; side < 2; side++) {
+        uint32_t *total = side ? &h->space.sleepers : &h->data.sleepers;
+        uint32_t t = __atomic_load_n(total, __ATOMIC_SEQ_CST);
+        uint64_t counted = 0;
+        for (uint32_t i = 0; i < FMAP_CHAN_PARTS && counted < t; i++)
+            counted += __atomic_load_n(&h->parts[i].sleeping[side], __ATOMIC_SEQ_CST);
+        uint32_t excess = t > counted ? (uint32_t)(t - counted) : 0;
+        if (!excess) {
+            m->excess[side] = 0;
+            m->excess_at[side] = 0;
+            continue;
+        }
+        if (!m->excess_at[side]) {
+            m->excess[side] = excess;
+            m->excess_at[side] = now;
+            continue;
+        }
+        if (now - m->excess_at[side] < SETTLE_NS)
+            continue;
+        uint32_t drop = excess < m->excess[side] ? excess : m->excess[side];
+        __atomic_compare_exchange_n(total, &t, t - drop, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        m->excess[side] = 0;
+        m->excess_at[side] = 0;
+    }
+}
+
 /* Wakes found nobody asleep many times over: a sleeper may have died counted.
-   Give back the records of dead processes that were sleeping. */
+   Give back the records of dead processes that were sleeping; then settle a
+   total that counts more than the records do. */
 static void reap_sleepers(fmap_chanmap *m)
 {
     struct fmap_chan *h = m->h;
@@ -525,6 +567,7 @@ static void reap_sleepers(fmap_chanmap *m)
                 break;
         }
     }
+    settle_totals(m, fmap_clock_ns());
     __atomic_store_n(&m->reaping, 0, __ATOMIC_RELEASE);
 }
 
@@ -645,6 +688,8 @@ static int map_all(int fd, const struct geometry *g, fmap_chanmap *m, fmap_err *
     m->spin_since = 0;
     m->wake_misses = 0;
     m->reaping = 0;
+    memset(m->excess, 0, sizeof m->excess);
+    memset(m->excess_at, 0, sizeof m->excess_at);
     memset(&m->cp, 0, sizeof m->cp);
     return FMAP_OK;
 }
@@ -1162,10 +1207,9 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
            it after: killed in between, the total is one too high, never
            one too low (reap takes the record's count off the total, and a
            low total lets publishers skip the wake a live sleeper needs).
-           Too high is for good, nothing tells it from a live sleeper on
-           its way in: every publish (or release) on this side then makes
-           a futex_wake call that finds nobody, the cost of a kill within
-           these two instructions. */
+           Too high, every publish (or release) on this side makes a
+           futex_wake call that finds nobody, until settle_totals, after
+           WAKE_MISSES of them twice SETTLE_NS apart, takes it off. */
         __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);

@@ -304,6 +304,9 @@ typedef struct {
     uint64_t spin_since;    /* when spin_cur was last raised or decayed (fmap_clock_ns) */
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
     uint32_t reaping;       /* a reap_sleepers call of ours is running (channel_linux.c) */
+    uint32_t excess[2];     /* per side: sleepers the total counted beyond the records
+                               when this handle last looked (settle_totals) */
+    uint64_t excess_at[2];  /* per side: when it first saw that excess, 0 for none */
     uint64_t stuck[2];      /* per side (producers, consumers): since when this handle's
                                claims have found nothing, across calls; 0 after one succeeds */
     uint64_t checked[2];    /* per side: when this handle last looked for a dead claimer */
