@@ -50,6 +50,16 @@ import fmap
 
 NAME = {name!r}
 
+
+def first(ch: fmap.Channel) -> bytes:
+    with ch.receive() as msg:       # its __exit__ never swallows an exception
+        return msg.tobytes()
+
+
+def head(h: fmap.Handle) -> fmap.Handle:
+    with h as same:
+        return same
+
 m = fmap.create(NAME, size=4096)
 assert_type(m, fmap.Mapping)
 with m.map() as v:
@@ -58,6 +68,11 @@ with m.map() as v:
     assert_type(v.address, int)
     with memoryview(v) as mv:
         mv[0] = 1
+    v[1] = 2
+    v[2:4] = b"ab"
+    assert_type(v[0], int)
+    assert_type(v[0:4], bytes)
+    assert v[0:4] == b"\\x01\\x02ab"
     assert_type(len(v), int)
     other = fmap.Mapping.open(NAME)
     assert_type(other.name, Optional[str])
@@ -72,8 +87,15 @@ with fmap.Channel.create(None, 8, message_size=64) as ch:
     with ch.reserve(8) as buf:
         assert_type(buf, fmap.Message)
         buf[:1] = b"y"
+        buf[1] = 0x7A
     with ch.receive() as msg:
-        assert_type(msg.tobytes(), bytes)
+        assert_type(msg[0], int)
+        assert_type(msg[0:2], memoryview)
+        assert bytes(msg[0:2]) == b"yz"
+    ch.send(memoryview(b"m"))
+    assert first(ch) == b"m"
+    ch.spin = None
+    assert_type(ch.spin, float)
     stats = ch.stats()
     assert_type(stats["pending"], int)
     assert_type(stats["ended"], bool)
@@ -85,6 +107,7 @@ with fmap.Channel.create(None, 8, message_size=64) as ch:
 with fmap.Mutex.create() as mu:
     assert_type(mu, fmap.Mutex)
     assert_type(mu.owned, bool)
+    assert head(mu) is mu
 sem = fmap.Semaphore.create(None, 1, 2)
 ev = fmap.Event.create(manual_reset=True)
 assert_type(sem.acquire(0), bool)
