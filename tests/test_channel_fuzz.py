@@ -1337,6 +1337,30 @@ def test_a_total_above_the_records_is_settled():
         ch.close()
 
 
+def test_an_old_sighting_of_an_excess_settles_nothing():
+    # Two handles see the same excess; one settles it, the other keeps its
+    # sighting.  Much later an excess shows for an instant (a live sleeper
+    # between its two counts; forged here): to the second handle that is a
+    # first sighting, not a second one.  Counting the old one, it took the
+    # live sleeper off the total, and the next publish skipped its wake.
+    ch = fmap.Channel.create(None, 64, message_size=16)
+    other = pickle.loads(pickle.dumps(ch))          # a second mapping of it
+    mem = scribbler(ch)
+    try:
+        struct.pack_into("=I", mem, SLEEPERS_AT[0], 1)
+        assert ch.stats()["consumers_sleeping"] == 1          # both see it
+        assert other.stats()["consumers_sleeping"] == 1
+        time.sleep(0.025)
+        assert ch.stats()["consumers_sleeping"] == 0          # one settles it
+        time.sleep(0.3)
+        struct.pack_into("=I", mem, SLEEPERS_AT[0], 1)
+        assert other.stats()["consumers_sleeping"] == 1       # seen anew
+    finally:
+        mem.close()
+        other.detach()
+        ch.close()
+
+
 def test_a_live_sleeper_outlasts_a_forged_count():
     # A dead record forged to hold more sleepers than the total: reaping it
     # takes the live sleeper's count too, and the sleeper's own decrement

@@ -377,6 +377,7 @@ static void pass_hole(fmap_chanmap *m, uint64_t cur)
 /* ---- futexes ------------------------------------------------------------ */
 
 static void reap_sleepers(fmap_chanmap *m);
+static int settle_due(fmap_chanmap *m);
 #define WAKE_MISSES 1024            /* wakes that found nobody before reap_sleepers */
 
 static void wake(fmap_chanmap *m, uint32_t *seq, uint32_t *sleepers, uint32_t n)
@@ -389,7 +390,7 @@ static void wake(fmap_chanmap *m, uint32_t *seq, uint32_t *sleepers, uint32_t n)
         long woken = futex_wake(seq, n > INT_MAX ? INT_MAX : (int)n);
         /* Nobody asleep though counted: a sleeper is on its way in or out,
            or died counted.  Many times running, look for the dead. */
-        if (woken == 0 && ++m->wake_misses >= WAKE_MISSES) {
+        if (woken == 0 && (++m->wake_misses >= WAKE_MISSES || settle_due(m))) {
             m->wake_misses = 0;
             reap_sleepers(m);
         } else if (woken > 0) {
@@ -493,13 +494,28 @@ static void reap(fmap_chanmap *m, uint32_t i)
    between its two counts (see wait_claim), on the way in or out, or a total
    written by another process.  Nothing else would ever take them off, and
    every publish on that side would make a futex_wake call for nobody.
-   Sleepers still between their two counts look the same for an instant, so
-   only an excess this handle saw SETTLE_NS ago and sees again, with the
-   total unchanged since it was read, comes off (the smaller of the two).
-   Wrong, if one live sleeper sat in those two instructions both times: the
-   total is then one low until that sleeper wakes, which it does within
-   DEAD_CHECK_NS; a publish meanwhile may not wake it (uncount stops at 0). */
+   Sleepers between their two counts look the same for an instant, so only
+   an excess this handle saw between SETTLE_NS and SETTLE_MAX_NS ago and
+   sees again comes off (the smaller of the two), by a CAS from the total
+   it read; an older sighting counts as none.  After a first sighting, the
+   first wake to miss SETTLE_NS later looks again (settle_due).  Wrong when
+   a live sleeper sat between its counts both times (a process stopped
+   there: SIGSTOP, a debugger): the total is one low, and until the last
+   sleeper of that side leaves (uncount stops at 0) a publish may skip a
+   wake, which the sleeper makes up by itself within DEAD_CHECK_NS. */
 #define SETTLE_NS (2 * (uint64_t)DEAD_CHECK_NS)
+#define SETTLE_MAX_NS (20 * (uint64_t)DEAD_CHECK_NS)
+
+static int settle_due(fmap_chanmap *m)
+{
+    if (!(m->excess_at[0] | m->excess_at[1]))
+        return 0;
+    uint64_t now = fmap_clock_ns();
+    for (int side = 0; side < 2; side++)
+        if (m->excess_at[side] && now - m->excess_at[side] >= SETTLE_NS)
+            return 1;
+    return 0;
+}
 
 static void settle_totals(fmap_chanmap *m, uint64_t now)
 {
@@ -516,7 +532,7 @@ static void settle_totals(fmap_chanmap *m, uint64_t now)
             m->excess_at[side] = 0;
             continue;
         }
-        if (!m->excess_at[side]) {
+        if (!m->excess_at[side] || now - m->excess_at[side] > SETTLE_MAX_NS) {
             m->excess[side] = excess;
             m->excess_at[side] = now;
             continue;
@@ -539,8 +555,10 @@ static void reap_sleepers(fmap_chanmap *m)
     /* Not within itself: reap() wakes both sides, and wakes that find
        nobody call back here; nested, a reaper held two records (two to
        strand if killed) and spent two budgets.  Nor in two threads of ours
-       at once: the second leaves it to the first. */
-    if (__atomic_exchange_n(&m->reaping, 1, __ATOMIC_ACQUIRE))
+       at once: the second leaves it to the first.  By pid: a child forked
+       while a thread of ours reaped finds the parent's, not its own. */
+    uint32_t me = (uint32_t)fmap_getpid();
+    if (__atomic_exchange_n(&m->reaping, me, __ATOMIC_ACQUIRE) == me)
         return;
     uint64_t until = 0;
     for (uint32_t i = 0; i < FMAP_CHAN_PARTS; i++) {

@@ -303,7 +303,8 @@ typedef struct {
     uint64_t spin_cur;      /* adaptive spin budget, ns */
     uint64_t spin_since;    /* when spin_cur was last raised or decayed (fmap_clock_ns) */
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
-    uint32_t reaping;       /* a reap_sleepers call of ours is running (channel_linux.c) */
+    uint32_t reaping;       /* the pid whose reap_sleepers call is running, or 0 (a
+                               forked child's copy names the parent: not the child's) */
     uint32_t excess[2];     /* per side: sleepers the total counted beyond the records
                                when this handle last looked (settle_totals) */
     uint64_t excess_at[2];  /* per side: when it first saw that excess, 0 for none */
