@@ -41,10 +41,11 @@ def test_fmaps_python_modules_agree_with_the_stubs(tmp_path):
 
 
 USER = '''
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 from typing_extensions import assert_type
 
 import numpy as np
+import numpy.typing as npt
 
 import fmap
 
@@ -64,7 +65,7 @@ m = fmap.create(NAME, size=4096)
 assert_type(m, fmap.Mapping)
 with m.map() as v:
     assert_type(v, fmap.View)
-    assert_type(v.asarray("float32", shape=(1024,)), np.ndarray)
+    assert_type(v.asarray("float32", shape=(1024,)), npt.NDArray[Any])
     assert_type(v.address, int)
     with memoryview(v) as mv:
         mv[0] = 1
@@ -101,7 +102,7 @@ with fmap.Channel.create(None, 8, message_size=64) as ch:
     assert_type(stats["ended"], bool)
     assert stats["pending"] == 0 and stats["ended"] is False
     ch.send_array(np.arange(3.0))
-    assert_type(ch.recv_array(), np.ndarray)
+    assert_type(ch.recv_array(), npt.NDArray[Any])
     assert_type(iter(ch), Iterator[bytes])
 
 with fmap.Mutex.create() as mu:
