@@ -360,8 +360,12 @@ cdef class Channel(Handle):
     Crashes: a producer killed while writing a message (in reserve() or
     send()) loses that message, never delivered in part; a consumer killed
     while holding a received message (receive(), recv_array()) loses that
-    one message (it is not delivered again).  Either way the slot is given
-    back and nothing blocks for longer than a few tens of milliseconds.
+    one message (it is not delivered again).  Batches claim their slots
+    together: killed inside send_many(), a producer loses the batch it was
+    writing (up to 64 messages; those before it were sent); inside
+    recv_many(), a consumer loses those it was copying out.  Either way the
+    slots are given back and nothing blocks for longer than a few tens of
+    milliseconds.
 
     close() ends the stream: senders get BrokenPipeError (winerror 232) from
     then on, receivers get every message sent before and then
