@@ -554,6 +554,46 @@ def test_producer_killed_asleep_in_send(name, forks):
     assert_nothing_left(ch, name)
 
 
+def test_producer_killed_inside_send_many(name, forks):
+    # send_many claims its slots 64 at a time and publishes each batch once
+    # it is written.  Killed while writing its second batch (64 strided 1
+    # MiB arrays, gathered slowly: about 0.4 s), the producer loses that
+    # batch, never any part of it; the first arrives whole and in order,
+    # and the dead batch's slots go back to the ring.
+    ch = fmap.Channel.create(name, 128, message_size=1 << 20)
+    base = np.zeros(2 << 20, np.uint8)
+    strided = base[::2]                 # 1 MiB, not contiguous: gathered
+
+    def producer(out):
+        c = fmap.Channel.open(name)
+        say(out, "ready")
+        c.send_many([b"first-%d" % i for i in range(64)] + [strided] * 64, timeout=HOLD)
+        say(out, "sent")
+
+    p = forks(producer)
+    p.expect("ready")
+    assert poll(lambda: ch.stats()["sent"] >= 128, WAIT), ch.stats()
+    p.killed()                          # the second batch claimed, being written
+    assert p.buf + p.read(0) == b""     # it never got to the end
+    assert [ch.recv(timeout=WAIT) for _ in range(64)] == [b"first-%d" % i for i in range(64)]
+
+    def later(out):
+        c = fmap.Channel.open(name)
+        for i in range(300):            # more than a lap of the ring past the dead batch
+            c.send(b"later-%d" % i, timeout=WAIT)
+        say(out, "done")
+
+    q = forks(later)
+    start = time.monotonic()
+    got = [ch.recv(timeout=WAIT) for _ in range(300)]
+    assert got == [b"later-%d" % i for i in range(300)]   # nothing of the dead batch
+    assert time.monotonic() - start < STALL
+    q.expect("done")
+    assert q.wait() == 0
+    assert drain(ch) == [] and len(ch) == 0
+    assert_nothing_left(ch, name)
+
+
 # ---- 5. killed between a claim and its names ---------------------------------------
 #
 # A claim is one swap on a cursor, then a store of the claimer's name into each
