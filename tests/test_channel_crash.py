@@ -572,7 +572,7 @@ def test_producer_killed_inside_send_many(name, forks):
 
     p = forks(producer)
     p.expect("ready")
-    assert poll(lambda: ch.stats()["sent"] >= 128, WAIT), ch.stats()
+    assert poll(lambda: ch.stats()["sent"] >= 128, WAIT, interval=0.001), ch.stats()
     p.killed()                          # the second batch claimed, being written
     assert p.buf + p.read(0) == b""     # it never got to the end
     assert [ch.recv(timeout=WAIT) for _ in range(64)] == [b"first-%d" % i for i in range(64)]

@@ -498,23 +498,36 @@ static void reap(fmap_chanmap *m, uint32_t i)
    an excess this handle saw between SETTLE_NS and SETTLE_MAX_NS ago and
    sees again comes off (the smaller of the two), by a CAS from the total
    it read; an older sighting counts as none.  After a first sighting, the
-   first wake to miss SETTLE_NS later looks again (settle_due).  Wrong when
-   a live sleeper sat between its counts both times (a process stopped
-   there: SIGSTOP, a debugger): the total is one low, and until the last
-   sleeper of that side leaves (uncount stops at 0) a publish may skip a
-   wake, which the sleeper makes up by itself within DEAD_CHECK_NS. */
+   first wake to miss in that window looks again (settle_due).  So a side
+   published on less often than every SETTLE_MAX_NS keeps its excess: a
+   futex_wake for nobody per publish, at a few publishes a second.
+   Wrong when live sleepers sat between their counts at both looks (one
+   stopped there, by SIGSTOP or a debugger; or two, one at each look), or
+   when the total left the value read and came back to it before the CAS:
+   the total is then low, and until the last sleeper of that side leaves
+   (uncount stops at 0) a publish may skip a wake, which its sleeper makes
+   up by itself within DEAD_CHECK_NS.  The excess fields are this handle's,
+   written under its reaping flag; settle_due reads them from any thread. */
 #define SETTLE_NS (2 * (uint64_t)DEAD_CHECK_NS)
 #define SETTLE_MAX_NS (20 * (uint64_t)DEAD_CHECK_NS)
 
 static int settle_due(fmap_chanmap *m)
 {
-    if (!(m->excess_at[0] | m->excess_at[1]))
+    uint64_t at[2] = {__atomic_load_n(&m->excess_at[0], __ATOMIC_RELAXED),
+                      __atomic_load_n(&m->excess_at[1], __ATOMIC_RELAXED)};
+    if (!(at[0] | at[1]))
         return 0;
     uint64_t now = fmap_clock_ns();
     for (int side = 0; side < 2; side++)
-        if (m->excess_at[side] && now - m->excess_at[side] >= SETTLE_NS)
+        if (at[side] && now - at[side] >= SETTLE_NS && now - at[side] <= SETTLE_MAX_NS)
             return 1;
     return 0;
+}
+
+static void sighting(fmap_chanmap *m, int side, uint32_t excess, uint64_t at)
+{
+    m->excess[side] = excess;
+    __atomic_store_n(&m->excess_at[side], at, __ATOMIC_RELAXED);
 }
 
 static void settle_totals(fmap_chanmap *m, uint64_t now)
@@ -527,22 +540,17 @@ static void settle_totals(fmap_chanmap *m, uint64_t now)
         for (uint32_t i = 0; i < FMAP_CHAN_PARTS && counted < t; i++)
             counted += __atomic_load_n(&h->parts[i].sleeping[side], __ATOMIC_SEQ_CST);
         uint32_t excess = t > counted ? (uint32_t)(t - counted) : 0;
+        uint64_t seen = m->excess_at[side];
         if (!excess) {
-            m->excess[side] = 0;
-            m->excess_at[side] = 0;
-            continue;
+            sighting(m, side, 0, 0);
+        } else if (!seen || now - seen > SETTLE_MAX_NS) {
+            sighting(m, side, excess, now);         /* a first sighting */
+        } else if (now - seen >= SETTLE_NS) {
+            uint32_t drop = excess < m->excess[side] ? excess : m->excess[side];
+            __atomic_compare_exchange_n(total, &t, t - drop, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST);
+            sighting(m, side, 0, 0);
         }
-        if (!m->excess_at[side] || now - m->excess_at[side] > SETTLE_MAX_NS) {
-            m->excess[side] = excess;
-            m->excess_at[side] = now;
-            continue;
-        }
-        if (now - m->excess_at[side] < SETTLE_NS)
-            continue;
-        uint32_t drop = excess < m->excess[side] ? excess : m->excess[side];
-        __atomic_compare_exchange_n(total, &t, t - drop, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        m->excess[side] = 0;
-        m->excess_at[side] = 0;
     }
 }
 
@@ -1226,8 +1234,9 @@ static int wait_claim(fmap_chanmap *m, int side, uint32_t n, uint64_t spin_max,
            one too low (reap takes the record's count off the total, and a
            low total lets publishers skip the wake a live sleeper needs).
            Too high, every publish (or release) on this side makes a
-           futex_wake call that finds nobody, until settle_totals, after
-           WAKE_MISSES of them twice SETTLE_NS apart, takes it off. */
+           futex_wake call that finds nobody, until settle_totals takes it
+           off: it looks after WAKE_MISSES of them, and again at the first
+           one SETTLE_NS later. */
         __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);

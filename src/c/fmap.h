@@ -306,8 +306,8 @@ typedef struct {
     uint32_t reaping;       /* the pid whose reap_sleepers call is running, or 0 (a
                                forked child's copy names the parent: not the child's) */
     uint32_t excess[2];     /* per side: sleepers the total counted beyond the records
-                               when this handle last looked (settle_totals) */
-    uint64_t excess_at[2];  /* per side: when it first saw that excess, 0 for none */
+                               at this handle's first sighting (settle_totals) */
+    uint64_t excess_at[2];  /* per side: when that sighting was, 0 for none */
     uint64_t stuck[2];      /* per side (producers, consumers): since when this handle's
                                claims have found nothing, across calls; 0 after one succeeds */
     uint64_t checked[2];    /* per side: when this handle last looked for a dead claimer */

@@ -22,7 +22,7 @@ ProcessPoolExecutor workers can take one as an argument.
 from __future__ import annotations
 
 from . import _fmap
-from .names import key_for
+from .names import key_for, named
 from .sync import _bad, _count
 
 MAX_CAPACITY = _fmap.CHANNEL_MAX_CAPACITY
@@ -44,7 +44,7 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
     When the name exists, its sizes win and `created` is False; exclusive=True
     makes that FileExistsError.
     """
-    key = key_for(name)
+    name, key = named(name)
     cap = _count(capacity, "capacity")
     size = _count(message_size, "message_size")
     if not 1 <= cap <= MAX_CAPACITY:
@@ -52,7 +52,7 @@ def create(name: str | None = None, capacity: int = 64, *, message_size: int = 6
     if not 0 <= size <= MAX_MESSAGE_SIZE:
         raise _bad(f"message_size must be between 0 and 2**40, not {size}")
     cap = 1 << (cap - 1).bit_length()
-    return _fmap._channel_create(name if key is not None else None, key, cap, size, bool(exclusive))
+    return _fmap._channel_create(name, key, cap, size, bool(exclusive))
 
 
 def open(name: str) -> _fmap.Channel:  # noqa: A001 - the fmap vocabulary

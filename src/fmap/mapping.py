@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from . import _fmap
-from .names import key_for
+from .names import key_for, named
 
 ERROR_INVALID_HANDLE = 6
 ERROR_INVALID_PARAMETER = 87
@@ -107,13 +107,12 @@ def create(name: str | None = None, size: int | None = None, *, file: Any = None
     """
     prot = _access(protect, "protect")
     size = _size(size, required=file is None)
-    key = key_for(name)
+    name, key = named(name)
     if file is None:
-        return _fmap._create(name if key is not None else None, key, size, prot, bool(exclusive), bool(populate), -1, None)
+        return _fmap._create(name, key, size, prot, bool(exclusive), bool(populate), -1, None)
     fd, made = _file_fd(file, prot)
     try:
-        return _fmap._create(name if key is not None else None, key, size, prot, bool(exclusive), bool(populate),
-                             fd, file)
+        return _fmap._create(name, key, size, prot, bool(exclusive), bool(populate), fd, file)
     except BaseException:
         if made is not None:
             try:

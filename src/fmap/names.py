@@ -40,6 +40,12 @@ def key_for(name: str | None) -> bytes | None:
     return key
 
 
+def named(name: str | None) -> tuple[str | None, bytes | None]:
+    """(name, key) for a create: (None, None) when unnamed (None or "")."""
+    key = key_for(name)
+    return (name if key is not None else None), key
+
+
 def _key(name: str) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"a name is a str or None, not {type(name).__name__}")

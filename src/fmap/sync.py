@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _fmap
-from .names import key_for
+from .names import key_for, named
 
 ERROR_INVALID_PARAMETER = 87
 SEMAPHORE_MAX = _fmap.SEMAPHORE_MAX
@@ -59,9 +59,8 @@ _count = _fmap.parse_count     # one check of int arguments, the core's
 def _create(otype: int, name: str | None, exclusive: bool, flags: int, count: int,
             maximum: int) -> Any:
     """A new or opened handle of otype's class (the caller's return type)."""
-    key = key_for(name)
-    return _fmap._sync_create(otype, name if key is not None else None, key, bool(exclusive),
-                              flags, count, maximum)
+    name, key = named(name)
+    return _fmap._sync_create(otype, name, key, bool(exclusive), flags, count, maximum)
 
 
 def _open(otype: int, name: str, kind: str) -> Any:
