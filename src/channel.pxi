@@ -363,9 +363,9 @@ cdef class Channel(Handle):
     one message (it is not delivered again).  Batches claim their slots
     together: killed inside send_many(), a producer loses the batch it was
     writing (up to 64 messages; those before it were sent); inside
-    recv_many(), a consumer loses every message that call had taken.  Either way the
-    slots are given back and nothing blocks for longer than a few tens of
-    milliseconds.
+    recv_many(), a consumer loses every message that call had taken.
+    Either way the slots are given back and nothing blocks for longer than
+    a few tens of milliseconds.
 
     close() ends the stream: senders get BrokenPipeError (winerror 232) from
     then on, receivers get every message sent before and then
