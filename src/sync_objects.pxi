@@ -222,7 +222,9 @@ cdef class Event(SyncHandle):
         fmap_event_set(self.page)
 
     def reset(self):
-        """Make the event unsignalled (ResetEvent)."""
+        """Make the event unsignalled (ResetEvent).  Unlike Windows, waiters
+        that set() woke but that have not yet run stay waiting when reset()
+        comes first (see README: Synchronization objects)."""
         if self.fd < 0:
             check_open(self)
         fmap_event_reset(self.page)
