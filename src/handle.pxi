@@ -88,9 +88,12 @@ def _fork_before():
 
 
 def _fork_parent():
+    # The child's pid goes into the records it is to claim, so that a child
+    # killed before it could (in its first microseconds) frees them at once.
     cdef Py_ssize_t i
+    cdef int child = fmap_newest_child() if _nlive else 0
     for i in range(_nlive):
-        fmap_reg_fork_parent(&(<Handle>_live[i]).hold)
+        fmap_reg_fork_parent(&(<Handle>_live[i]).hold, child)
 
 
 def _fork_child():

@@ -133,3 +133,32 @@ def test_fork_loop_leaves_no_holder_records(name):
     for h in handles:
         h.close()
     assert _fmap.registry_counts() == baseline
+
+
+def test_a_fork_child_killed_before_it_claims_its_records_holds_nothing(name):
+    # fork() adds a pending record per named handle, which the child claims
+    # in its first microseconds.  A child killed before then (at once, as a
+    # pool torn down does) held the name, and made the parent's close() wait,
+    # for the records' whole 2 s; the parent now names the child in them, and
+    # a dead child frees them at once.  (A child that claimed first is an
+    # ordinary dead holder: this fails only when some kill lands first, which
+    # most of these do.)
+    import signal
+    for i in range(5):
+        m = fmap.create(f"{name}-{i}", size=4096)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        t = time.monotonic()
+        m.close()
+        took = time.monotonic() - t
+        assert took < 0.5, f"close() waited {took:.2f} s for a dead child"
+        t = time.monotonic()
+        with pytest.raises(FileNotFoundError):
+            fmap.open(f"{name}-{i}")
+        assert time.monotonic() - t < 0.5

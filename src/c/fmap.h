@@ -180,7 +180,8 @@ int fmap_reg_release(fmap_hold *hold, fmap_err *e);
 
 /* fork(): before, add a pending record for the child; in the child, claim it. */
 int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e);
-void fmap_reg_fork_parent(fmap_hold *hold);
+void fmap_reg_fork_parent(fmap_hold *hold, int child);
+int fmap_newest_child(void);
 int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e);
 
 /* Diagnostics: visit every live name (dead holders pruned first). */

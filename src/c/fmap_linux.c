@@ -23,6 +23,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -682,7 +683,7 @@ typedef struct {
     uint32_t next;          /* derived: next holder of the same entry + 1 */
     int32_t pid;            /* holder; for H_PENDING, the parent that forked */
     int32_t fd;
-    uint32_t pad;
+    int32_t child;          /* H_PENDING: the child, once the parent knows it; else 0 */
     uint64_t start;         /* H_LIVE: process start time; H_PENDING: fork time (ns) */
     uint64_t gen;           /* the entry incarnation it holds */
 } reg_holder;
@@ -832,6 +833,7 @@ static void holder_drop(fmap_reg *r, uint32_t ei, uint32_t hi)
 {
     chain_remove(r, ei, hi);
     set_state(&r->holders[hi].state, H_FREE);
+    r->holders[hi].child = 0;   /* as builds that knew no child left it */
     r->h->holders_used--;
 }
 
@@ -1086,9 +1088,18 @@ static int64_t entry_alloc(fmap_reg *r)
     return -1;
 }
 
+/* A pending record is over when its time is up, or at once when the parent
+   named its child and that child is gone (killed before it could claim the
+   record): a close() in the parent waited for it, and the name stayed, for
+   the whole PENDING_NS. */
 static int pending_expired(const reg_holder *ho)
 {
-    return now_ns() - ho->start > PENDING_NS;
+    if (now_ns() - ho->start > PENDING_NS)
+        return 1;
+    int dead = 0;
+    if (ho->child > 0)
+        fmap_proc_start(ho->child, &dead);
+    return dead;
 }
 
 /* Does holder record hi still name a live fd of the entry's object?  A stat
@@ -1455,6 +1466,7 @@ int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
             ho->fd = hold->fd;
             ho->start = now_ns();
             ho->gen = hold->gen;
+            ho->child = 0;
             set_state(&ho->state, H_PENDING);
             chain_add(r, hold->entry, (uint32_t)hi);
             r->h->holders_used++;
@@ -1465,9 +1477,42 @@ int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
     return FMAP_OK;
 }
 
-void fmap_reg_fork_parent(fmap_hold *hold)
+/* The child this thread forked last: the last pid of its children file
+   (the kernel appends each new child), 0 when it cannot be read.  Called in
+   the parent right after fork(), before anything can have reaped the child
+   but another thread's wait for any child; then it names an older child, and
+   the record falls back on PENDING_NS or on that child's death. */
+int fmap_newest_child(void)
 {
+    char buf[4096];
+    int fd = open("/proc/thread-self/children", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0 || n == (ssize_t)sizeof buf - 1)
+        return 0;               /* none, or more than fit: not worth a guess */
+    buf[n] = 0;
+    while (n > 0 && buf[n - 1] == ' ')
+        buf[--n] = 0;
+    char *last = strrchr(buf, ' ');
+    long pid = strtol(last ? last + 1 : buf, NULL, 10);
+    return pid > 0 && pid <= INT_MAX ? (int)pid : 0;
+}
+
+void fmap_reg_fork_parent(fmap_hold *hold, int child)
+{
+    fmap_reg *r = hold->reg;
+    uint32_t p = hold->pending;
     hold->pending = 0;   /* the record is the child's to claim */
+    fmap_err e;
+    if (!r || !p || child <= 0 || reg_lock(r, &e) != FMAP_OK)
+        return;
+    reg_holder *ho = &r->holders[p - 1];
+    if (ho->state == H_PENDING && ho->pid == fmap_getpid() && ho->entry == hold->entry &&
+        ho->gen == hold->gen && ho->fd == hold->fd)
+        ho->child = child;  /* not claimed yet: now a dead child frees it at once */
+    reg_unlock(r);
 }
 
 int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e)
@@ -1488,6 +1533,7 @@ int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e)
         ho->fd == hold->fd) {
         ho->pid = fmap_getpid();
         ho->start = start_time();
+        ho->child = 0;
         set_state(&ho->state, H_LIVE);
         hold->slot = p - 1;
     } else {

@@ -98,7 +98,8 @@ cdef extern from "c/fmap.h" nogil:
                       fmap_err *e)
     int fmap_reg_release(fmap_hold *hold, fmap_err *e)
     int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
-    void fmap_reg_fork_parent(fmap_hold *hold)
+    void fmap_reg_fork_parent(fmap_hold *hold, int child)
+    int fmap_newest_child()
     int fmap_reg_fork_child(fmap_hold *hold, fmap_err *e)
     ctypedef int (*fmap_reg_visit)(void *ctx, const char *key, size_t keylen,
                                    const fmap_objinfo *info, uint32_t nholders) noexcept
