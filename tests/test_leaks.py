@@ -135,6 +135,56 @@ def test_fork_loop_leaves_no_holder_records(name):
     assert _fmap.registry_counts() == baseline
 
 
+FORK_AMONG_MANY = r"""
+import os, sys, time
+os.register_at_fork(after_in_child=lambda: time.sleep(0.5))  # before fmap's: delays its claim
+import fmap
+name = sys.argv[1]
+older = []
+for _ in range(int(sys.argv[2])):                 # unreaped: all in the children file
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    older.append(pid)
+m = fmap.create(name, size=4096)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    time.sleep(0.8)                               # claimed by now
+    try:
+        fmap.open(name).close()
+        os.write(w, b"kept")
+    except FileNotFoundError:
+        os.write(w, b"lost")
+    os._exit(0)
+os.close(w)
+m.close()                # the child holds it now, its record still pending
+try:
+    fmap.open(name).close()                       # (an open prunes what is over)
+    parent = "kept"
+except FileNotFoundError:
+    parent = "lost"
+print(parent, os.read(r, 16).decode())
+os.waitpid(pid, 0)
+for p in older:
+    os.waitpid(p, 0)
+"""
+
+
+def test_a_fork_child_is_found_among_many_older_children(name):
+    # The parent names its newest child in the records the child is to claim
+    # (see below).  With 800 older children unreaped, the children file is
+    # more than a page: one read of it ended at an older child, a zombie, and
+    # the live child's record went at once, its name with it, while it held
+    # the object.
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FORK_AMONG_MANY, name, "800"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["kept", "kept"], out.stdout + out.stderr
+
+
 def test_a_fork_child_killed_before_it_claims_its_records_holds_nothing(name):
     # fork() adds a pending record per named handle, which the child claims
     # in its first microseconds.  A child killed before then (at once, as a

@@ -865,6 +865,7 @@ static void reg_repair(fmap_reg *r)
             h->holders_used++;
         } else {
             ho->state = H_FREE;
+            ho->child = 0;
         }
     }
     for (uint32_t i = 0; i < REG_NENTRIES; i++) {
@@ -1477,27 +1478,52 @@ int fmap_reg_fork_prepare(fmap_hold *hold, fmap_err *e)
     return FMAP_OK;
 }
 
-/* The child this thread forked last: the last pid of its children file
-   (the kernel appends each new child), 0 when it cannot be read.  Called in
-   the parent right after fork(), before anything can have reaped the child
-   but another thread's wait for any child; then it names an older child, and
-   the record falls back on PENDING_NS or on that child's death. */
+/* The child this thread forked last: the last pid of its children file (the
+   kernel appends each new child), or 0.  Called in the parent right after
+   fork().  The file is read to its end (one read stops at a page's worth of
+   whole pids).  A candidate that is already dead, or that started more than
+   a second ago, is refused (0: the record waits out PENDING_NS): it is not
+   the child just forked but an older one, moved to the end of the list (the
+   children of a thread that exited are handed to a sibling) or left last
+   when another thread's wait for any child reaped ours. */
 int fmap_newest_child(void)
 {
     char buf[4096];
     int fd = open("/proc/thread-self/children", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
+    long cur = -1, last = 0;
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) {
+        for (ssize_t k = 0; k < n; k++) {
+            if (buf[k] >= '0' && buf[k] <= '9') {
+                cur = (cur < 0 ? 0 : cur) * 10 + (buf[k] - '0');
+                if (cur > INT_MAX)
+                    cur = INT_MAX;
+            } else if (cur >= 0) {
+                last = cur;
+                cur = -1;
+            }
+        }
+    }
     close(fd);
-    if (n <= 0 || n == (ssize_t)sizeof buf - 1)
-        return 0;               /* none, or more than fit: not worth a guess */
-    buf[n] = 0;
-    while (n > 0 && buf[n - 1] == ' ')
-        buf[--n] = 0;
-    char *last = strrchr(buf, ' ');
-    long pid = strtol(last ? last + 1 : buf, NULL, 10);
-    return pid > 0 && pid <= INT_MAX ? (int)pid : 0;
+    if (n < 0)
+        return 0;
+    if (cur >= 0)
+        last = cur;
+    if (last <= 0 || last >= INT_MAX)
+        return 0;
+    fmap_procstat st;
+    struct timespec ts;
+    long tick = sysconf(_SC_CLK_TCK);
+    if (fmap_proc_stat((int)last, &st) != 0 || st.dead || tick <= 0 ||
+        clock_gettime(CLOCK_BOOTTIME, &ts) != 0)
+        return 0;
+    uint64_t now_ticks = (uint64_t)ts.tv_sec * (uint64_t)tick +
+                         (uint64_t)ts.tv_nsec / (1000000000u / (uint64_t)tick);
+    if (st.start + (uint64_t)tick < now_ticks)
+        return 0;
+    return (int)last;
 }
 
 void fmap_reg_fork_parent(fmap_hold *hold, int child)
