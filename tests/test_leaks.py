@@ -2,6 +2,9 @@
 leave file descriptors, mappings, RSS and the registry where they were."""
 import gc
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -178,8 +181,6 @@ def test_a_fork_child_is_found_among_many_older_children(name):
     # more than a page: one read of it ended at an older child, a zombie, and
     # the live child's record went at once, its name with it, while it held
     # the object.
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, "-c", FORK_AMONG_MANY, name, "800"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["kept", "kept"], out.stdout + out.stderr
@@ -193,7 +194,6 @@ def test_a_fork_child_killed_before_it_claims_its_records_holds_nothing(name):
     # a dead child frees them at once.  (A child that claimed first is an
     # ordinary dead holder: this fails only when some kill lands first, which
     # most of these do.)
-    import signal
     for i in range(5):
         m = fmap.create(f"{name}-{i}", size=4096)
         pid = os.fork()

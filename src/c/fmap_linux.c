@@ -12,10 +12,11 @@
  *
  * One robust lock of our own (rlock_linux.h) guards it.  A process killed
  * while holding it makes the next locker rebuild everything derived from the
- * entries and holder records, whose `state` words are always written last.  Opening a name
- * opens /proc/<pid>/fd/<fd> of a live holder and checks the inode, pruning dead
- * holders on the way; a name with no live holder is free.  So create and open
- * cost a few memory operations plus the object's own system calls.
+ * entries and holder records, whose `state` words are always written last.
+ * Opening a name opens /proc/<pid>/fd/<fd> of a live holder and checks the
+ * inode, pruning dead holders on the way; a name with no live holder is free.
+ * So create and open cost a few memory operations plus the object's own
+ * system calls.
  */
 #define _GNU_SOURCE
 #include "fmap.h"
