@@ -122,14 +122,16 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
     cdef fmap_err e
     cdef int rc, depth = 0, ab = 0
     cdef fmap_sync *page
+    cdef fmap_waiter w
     cdef uint64_t now, end, until, start, every, asked = 0
     cdef bint ask
     if h.fd < 0:
         check_open(h)
     page = h.page
+    fmap_wait_begin(page, &w)
     # Whether a busy mutex's owner is gone is asked here only when this try
     # is the whole wait; else on the way to sleep, after any spin.
-    rc = fmap_sync_trywait(page, timeout_ns == 0, &depth, &ab, &e)
+    rc = fmap_sync_trywait(page, &w, timeout_ns == 0, &depth, &ab, &e)
     if rc == FMAP_WAIT_TIMEOUT:
         if timeout_ns == 0:
             return 0
@@ -144,7 +146,7 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
                 every = ask_every(now, start, ASK_NS)
                 ask = ask_now(now, every, &asked)
                 with nogil:
-                    rc = fmap_sync_wait(page, spin_ns, until, ask, every, &depth, &ab, &e)
+                    rc = fmap_sync_wait(page, &w, spin_ns, until, ask, every, &depth, &ab, &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 spin_ns = 0
@@ -152,8 +154,16 @@ cdef int take_one(SyncHandle h, int64_t timeout_ns, uint64_t spin_ns) except -1:
                 check_not_closed_waiting(h)
                 now = fmap_clock_ns()
                 if now >= end:
-                    return 0
+                    # A set() that released us at the last moment counts.
+                    if not fmap_wait_end(page, &w, 1):
+                        return 0
+                    rc = FMAP_OK
+                    break
         finally:
+            # An event's wait slot, when the wait ends any other way (an
+            # exception from a signal handler, the handle closed, an error):
+            # a release already made in it goes to the next waiter.
+            fmap_wait_end(page, &w, 0)
             end_wait(h)
     if rc != FMAP_OK:
         raise_err(&e, f"cannot wait for {what_of(h)}")
@@ -213,6 +223,7 @@ def _wait_any(tuple objects, timeout=None, spin=None):
     of 1..MAXIMUM_WAIT_OBJECTS SyncHandles."""
     cdef fmap_err e
     cdef fmap_sync *pages[64]        # FMAP_WAIT_MAX
+    cdef fmap_waiter ws[64]
     cdef int n = len(objects), i, idx = -1, depth = 0, ab = 0, rc
     cdef int64_t t = parse_timeout(timeout)
     cdef uint64_t sp = parse_spin(spin)
@@ -226,7 +237,8 @@ def _wait_any(tuple objects, timeout=None, spin=None):
         h = objects[i]
         check_open(h)
         pages[i] = h.page
-    rc = fmap_sync_try_any(pages, n, t == 0, &idx, &depth, &ab, &e)     # as take_one
+        fmap_wait_begin(pages[i], &ws[i])
+    rc = fmap_sync_try_any(pages, ws, n, t == 0, &idx, &depth, &ab, &e)     # as take_one
     if rc == FMAP_WAIT_TIMEOUT:
         if t == 0:
             return None
@@ -243,7 +255,8 @@ def _wait_any(tuple objects, timeout=None, spin=None):
                 # in between), then every ASK_LATER_NS
                 ask = ask_now(now, ask_every(now, start, ANY_SLICE_NS), &asked)
                 with nogil:
-                    rc = fmap_sync_wait_any(pages, n, sp, until, ask, &idx, &depth, &ab, &e)
+                    rc = fmap_sync_wait_any(pages, ws, n, sp, until, ask, &idx, &depth, &ab,
+                                            &e)
                 if rc != FMAP_WAIT_TIMEOUT and rc != FMAP_WAIT_INTR:
                     break
                 sp = 0
@@ -252,9 +265,15 @@ def _wait_any(tuple objects, timeout=None, spin=None):
                     check_not_closed_waiting(objects[i])
                 now = fmap_clock_ns()
                 if now >= end:
-                    return None
+                    # as take_one: a release at the last moment counts
+                    rc = fmap_sync_try_any(pages, ws, n, 0, &idx, &depth, &ab, &e)
+                    if rc == FMAP_WAIT_TIMEOUT:
+                        return None
+                    break
         finally:
             for i in range(n):
+                # releases into the slots of objects not taken are passed on
+                fmap_wait_end(pages[i], &ws[i], 0)
                 end_wait(objects[i])
     if rc != FMAP_OK:
         raise_err(&e, "wait_any failed")

@@ -216,15 +216,18 @@ cdef class Event(SyncHandle):
         return take_one(self, t, sp) == 1
 
     def set(self):
-        """Signal the event (SetEvent)."""
+        """Signal the event (SetEvent): a manual-reset event releases every
+        wait pending now and stays signalled; an auto-reset event releases
+        the longest pending wait, or, with none pending, stays signalled
+        until one wait takes it."""
         if self.fd < 0:
             check_open(self)
         fmap_event_set(self.page)
 
     def reset(self):
-        """Make the event unsignalled (ResetEvent).  Unlike Windows, waiters
-        that set() woke but that have not yet run stay waiting when reset()
-        comes first (see README: Synchronization objects)."""
+        """Make the event unsignalled (ResetEvent).  As on Windows, waits
+        that an earlier set() released stay released, even those whose
+        threads have not run yet."""
         if self.fd < 0:
             check_open(self)
         fmap_event_reset(self.page)

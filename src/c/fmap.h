@@ -243,25 +243,44 @@ void fmap_sync_unmap(fmap_sync *s);
 void fmap_sync_discard(fmap_sync *s);
 void fmap_sync_state(fmap_sync *s, fmap_syncstate *st);
 
+/* One object's part in one wait, from its first try to its end, kept by the
+   caller (across the slices in which it lets signals in).  Events need it:
+   on Windows, SetEvent itself releases the threads waiting at that moment,
+   so a reset() or a second set() right after cannot undo or merge it.
+   fmap_wait_begin opens it before the first try; fmap_wait_end closes it
+   when the wait is over, or abandoned (an exception between slices). */
+typedef struct {
+    uint32_t mark;          /* manual-reset event: its state when the wait began */
+    int32_t slot;           /* auto-reset event: our wait slot in its page, -1 = none */
+} fmap_waiter;
+
+void fmap_wait_begin(fmap_sync *s, fmap_waiter *w);
+/* 1 when a set() had released this waiter into its slot: kept (the wait
+   succeeded after all) when keep, else passed on to the next waiter. */
+int fmap_wait_end(fmap_sync *s, fmap_waiter *w, int keep);
+
 /* Acquire (mutex, semaphore) or wait for (event) one object.  *depth: the
    mutex's recursion depth after acquiring (1 = this call made the caller the
    owner); *abandoned: the owner died holding it (WAIT_ABANDONED).
    Nothing tells a mutex's waiters that its owner died: they ask whether it
    is gone (a few µs), where `ask` says: a try that is the whole wait must,
    one followed by a wait need not. */
-int fmap_sync_trywait(fmap_sync *s, int ask, int *depth, int *abandoned, fmap_err *e);
+int fmap_sync_trywait(fmap_sync *s, fmap_waiter *w, int ask, int *depth, int *abandoned,
+                      fmap_err *e);
 /* Spin up to spin_ns trying, then sleep until deadline.  A mutex's waiter
    asks after the owner when it goes to sleep if `ask`, and every ask_ns
    while asleep. */
-int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int ask,
+int fmap_sync_wait(fmap_sync *s, fmap_waiter *w, uint64_t spin_ns, uint64_t deadline, int ask,
                    uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e);
-/* The first of n objects (in order) that can be acquired: *index.  Sleeps on
-   every object's change counter (futex_waitv) until deadline; asks after
-   owners (as trywait) on its first try when `ask`. */
-int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
-                      int *abandoned, fmap_err *e);
-int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t deadline,
-                       int ask, int *index, int *depth, int *abandoned, fmap_err *e);
+/* The object that released this wait first, else the first of n (in order)
+   that can be acquired: *index.  Sleeps on every object's change counter or
+   wait slot (futex_waitv) until deadline; asks after owners (as trywait) on
+   its first try when `ask`.  w: one per object. */
+int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *index,
+                      int *depth, int *abandoned, fmap_err *e);
+int fmap_sync_wait_any(fmap_sync *const *v, fmap_waiter *w, int n, uint64_t spin_ns,
+                       uint64_t deadline, int ask, int *index, int *depth, int *abandoned,
+                       fmap_err *e);
 
 int fmap_mutex_release(fmap_sync *s, fmap_err *e);           /* FMAP_ENOTOWNER */
 int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e);   /* FMAP_ELIMIT */

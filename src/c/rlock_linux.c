@@ -217,6 +217,17 @@ int fmap_rlock_mine(const fmap_rlock *l)
     return identity(__atomic_load_n(&l->word, __ATOMIC_ACQUIRE)) == self_word();
 }
 
+uint64_t fmap_rlock_self(void)
+{
+    return self_word();
+}
+
+int fmap_rlock_gone(uint64_t who)
+{
+    who = identity(who);
+    return who && who != self_word() && owner_gone(who);
+}
+
 int fmap_rlock_owner(const fmap_rlock *l, int *gone)
 {
     uint64_t w = __atomic_load_n(&l->word, __ATOMIC_ACQUIRE);

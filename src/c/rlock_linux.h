@@ -66,6 +66,12 @@ int fmap_rlock_mine(const fmap_rlock *l);
    when that owner no longer exists (the lock is then abandoned, for the next
    taker to take over): a few µs. */
 int fmap_rlock_owner(const fmap_rlock *l, int *gone);
+/* The calling thread's identity, as an owner word names it: for other
+   records of who is doing what in shared memory (an event's wait slots). */
+uint64_t fmap_rlock_self(void);
+/* Is the thread that identity names clearly gone (as for an owner)?  Never
+   for 0 or the caller.  A kill(2) and a /proc read, a few µs. */
+int fmap_rlock_gone(uint64_t who);
 /* The calling thread's id (cached; right in a forked child too). */
 int fmap_tid(void);
 

@@ -9,7 +9,9 @@
  *   - the state on one cache line: a futex word (semaphore count, event
  *     state) with a count of its sleepers, or a mutex's lock and recursion
  *     depth; and `seq`, bumped on every release or set, which wait_any
- *     sleeps on.
+ *     sleeps on;
+ *   - an auto-reset event's wait slots, one per blocked waiter, through
+ *     which a set() releases that waiter by itself (see "events" below).
  *
  * A mutex is our robust lock (rlock_linux.h) plus a recursion depth: the
  * next taker finds out that the owning thread died and takes the mutex over,
@@ -23,8 +25,10 @@
  * the sleeper sees the new state or the waker sees the sleeper.
  *
  * A sleeper killed while counted leaves the count high: later releases then
- * make a harmless futex_wake each.  Nothing else a dead process leaves here
- * can block anyone.
+ * make a harmless futex_wake each.  A waiter killed in a wait slot is found
+ * out by the set() that would release it, or by the next waiter when it was
+ * released already.  Nothing else a dead process leaves here can block
+ * anyone.
  */
 #define _GNU_SOURCE
 #include "fmap.h"
@@ -49,8 +53,22 @@
 #endif
 
 #define SYNC_MAGIC "FMAPSYN\x01"
-#define SYNC_VERSION 2u           /* 2: our own mutex lock, not a pthread mutex */
+#define SYNC_VERSION 3u           /* 2: our own mutex lock; 3: event generations and wait slots */
 #define FUTEX_32_FLAG 2u            /* futex_waitv: a 32-bit word; shared (no FUTEX2_PRIVATE) */
+#define EV_SET 1u                   /* an event's word: signalled */
+#define EV_GEN 2u                   /* a manual-reset event's word: one set() (bits 1-31 count them) */
+#define EV_SLOTS 128                /* an auto-reset event's wait slots (twice FMAP_WAIT_MAX) */
+#define EV_STALE_NS 20000000u       /* a release not taken for this long: is its waiter dead? */
+
+/* An auto-reset event's wait slot: one blocked waiter, which a set() can
+   release by itself (see "Events" below). */
+enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_RELEASED = 2 };
+struct ev_slot {
+    uint64_t who;           /* the waiting thread (fmap_rlock_self), 0 = free: claimed by CAS */
+    uint64_t stamp;         /* when a set() released it (CLOCK_MONOTONIC): wait_any's order */
+    uint32_t state;         /* futex: SLOT_*, what the waiter sleeps on */
+    uint32_t ticket;        /* arrival order: the longest waiter is released first */
+};
 
 struct sync_page {
     char magic[8];          /* written last by init */
@@ -64,13 +82,19 @@ struct sync_page {
     struct {
         uint32_t seq;           /* bumped on every release / set: wait_any's futex */
         uint32_t seq_waiters;   /* wait_any callers sleeping on seq */
-        uint32_t word;          /* futex: semaphore count, or event state (1 = set) */
+        uint32_t word;          /* futex: semaphore count, or event state (EV_SET, EV_GEN) */
         uint32_t waiters;       /* threads sleeping on word */
         uint32_t depth;         /* mutex: recursion depth, written by the owner only */
         uint32_t pad;
         fmap_rlock lock;        /* mutex: owner thread; robust (rlock_linux.h) */
     } st __attribute__((aligned(64)));
+    struct {
+        uint32_t tickets;       /* the next waiter's ticket */
+        uint32_t hi;            /* slots [0, hi) have been used: what a set() looks through */
+    } ev __attribute__((aligned(64)));
+    struct ev_slot slot[EV_SLOTS];
 };
+_Static_assert(sizeof(struct sync_page) <= 4096, "a synchronization object fits one page");
 
 /* A handle: its mapping of the page, and what the page's header said when
    the handle was opened, checked then and never read from the page again
@@ -102,6 +126,11 @@ uint64_t fmap_clock_ns(void)
 
 
 static uint32_t load(const uint32_t *w)
+{
+    return __atomic_load_n(w, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t load64(const uint64_t *w)
 {
     return __atomic_load_n(w, __ATOMIC_SEQ_CST);
 }
@@ -176,7 +205,7 @@ int fmap_sync_init(void *ctx, int fd, fmap_err *e)
         s->maximum = sp->maximum;
         s->st.word = sp->initial;
     } else {
-        s->st.word = sp->initial ? 1 : 0;
+        s->st.word = sp->initial ? EV_SET : 0;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE);
     memcpy(s->magic, SYNC_MAGIC, 8);
@@ -257,7 +286,7 @@ void fmap_sync_state(fmap_sync *h, fmap_syncstate *st)
     } else if (h->type == FMAP_T_SEMAPHORE) {
         st->count = load(&s->st.word);
     } else {
-        st->set = load(&s->st.word) != 0;
+        st->set = (load(&s->st.word) & EV_SET) != 0;
     }
 }
 
@@ -297,51 +326,309 @@ static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fm
     }
 }
 
-/* Take one unit of a semaphore or event; 1 when taken. */
-static int take(const fmap_sync *h)
+/* ---- events ------------------------------------------------------------
+ *
+ * SetEvent releases the threads waiting at that moment, there and then: a
+ * ResetEvent right after cannot keep them waiting, and an auto-reset event
+ * set twice with two threads waiting releases both.  A waiter here runs
+ * later than the set() that releases it, so what the set() did must stay
+ * for it:
+ *
+ *   - a manual-reset event's word counts its sets (EV_GEN) beside EV_SET.
+ *     A waiter notes the word when its wait begins (fmap_waiter.mark) and is
+ *     released by the event being set, or by a set since that mark, even one
+ *     that a reset() has already undone;
+ *   - an auto-reset event's waiter takes a wait slot in the page before it
+ *     sleeps, and sleeps on the slot.  set() releases the longest waiting
+ *     slot by itself (one CAS, then a wake), and only when no slot waits does
+ *     it signal the word (EV_SET), for the next taker.  reset() clears EV_SET
+ *     and leaves the slots alone.  A waiter looks at its slot before the
+ *     word; one that found both (a set() that came while it was settling in)
+ *     passes the slot's release on, as does one whose wait ends otherwise
+ *     (a timeout, an exception, another object in wait_any).
+ *
+ * Spinning and trying never take a slot: a set() that finds no slot taken
+ * signals the word, as before, and costs no more.  A set() that finds a slot
+ * waiting but whose wake reached nobody asks whether that waiter is gone
+ * (kill and /proc, a few µs; it may just be between two slices of its wait)
+ * and then takes the release back and frees the slot.  A waiter killed after
+ * its release is left a release in its slot: the next waiter to take a slot,
+ * or to come back from a slice, passes it on once it is EV_STALE_NS old and
+ * its waiter gone.  Nothing a slot holds is used as an address or length;
+ * the bound `hi` is clamped.  More than EV_SLOTS waiters at once: the rest
+ * wait on the word as before (a set() then releases whoever runs first).
+ */
+
+static struct ev_slot *slot_of(struct sync_page *s, const fmap_waiter *w)
+{
+    return &s->slot[w->slot];
+}
+
+static int slot_cas(struct ev_slot *sl, uint32_t from, uint32_t to)
+{
+    return __atomic_compare_exchange_n(&sl->state, &from, to, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
+/* A slot whose state we just moved to FREE: its claim goes last, so that no
+   one claims a slot still in use. */
+static void slot_free(struct ev_slot *sl)
+{
+    __atomic_store_n(&sl->who, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Free the slot of `who`, a waiter that is gone: claimed from that exact
+   identity first, so that of several who found it gone one frees it, and no
+   one frees a slot taken again since.  1 when the slot held a release, which
+   the caller passes on; 0 when it held none; -1 when another got it first. */
+static int slot_reclaim(struct ev_slot *sl, uint64_t who)
+{
+    if (!__atomic_compare_exchange_n(&sl->who, &who, fmap_rlock_self(), 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        return -1;
+    uint32_t st = __atomic_exchange_n(&sl->state, SLOT_FREE, __ATOMIC_SEQ_CST);
+    slot_free(sl);
+    return st == SLOT_RELEASED;
+}
+
+static uint32_t slots_used(struct sync_page *s)
+{
+    uint32_t hi = load(&s->ev.hi);
+    return hi < EV_SLOTS ? hi : EV_SLOTS;
+}
+
+/* The longest waiting slot (lowest ticket, wrapping), or -1. */
+static int slot_pick(struct sync_page *s)
+{
+    int best = -1;
+    uint32_t best_ticket = 0, hi = slots_used(s);
+    for (uint32_t i = 0; i < hi; i++) {
+        if (load(&s->slot[i].state) != SLOT_WAITING)
+            continue;
+        uint32_t t = __atomic_load_n(&s->slot[i].ticket, __ATOMIC_RELAXED);
+        if (best < 0 || (int32_t)(t - best_ticket) < 0) {
+            best = (int)i;
+            best_ticket = t;
+        }
+    }
+    return best;
+}
+
+/* Release one waiter of an auto-reset event, or signal the word when none
+   waits: SetEvent's work, and a passed-on release's. */
+static void release_one(struct sync_page *s)
+{
+    /* Bounded: slots that change under us (waiters leaving, a forger) end
+       in the word being signalled, which every waiter also reads. */
+    for (int tries = 0; tries < 2 * EV_SLOTS; tries++) {
+        int i = slot_pick(s);
+        if (i < 0)
+            break;
+        struct ev_slot *sl = &s->slot[i];
+        __atomic_store_n(&sl->stamp, fmap_clock_ns(), __ATOMIC_SEQ_CST);
+        if (!slot_cas(sl, SLOT_WAITING, SLOT_RELEASED))
+            continue;           /* it left, or another set() took it: pick again */
+        if (futex_wake(&sl->state, 1) > 0)
+            return;             /* woken: it will find the release */
+        uint64_t who = load64(&sl->who);
+        if (!fmap_rlock_gone(who) || slot_reclaim(sl, who) < 0)
+            return;             /* alive and awake (it will find it), or another passes it on */
+        /* Its waiter is dead: the release is back with us; pick again. */
+    }
+    __atomic_or_fetch(&s->st.word, EV_SET, __ATOMIC_SEQ_CST);
+    /* A waiter that took a slot after our pick looked may have read the word
+       before we signalled it (each stored, then loaded: one of us sees the
+       other).  Wake the waiting slots to read it again. */
+    uint32_t hi = slots_used(s);
+    for (uint32_t i = 0; i < hi; i++)
+        if (load(&s->slot[i].state) == SLOT_WAITING)
+            futex_wake(&s->slot[i].state, 1);
+    if (load(&s->st.waiters))
+        futex_wake(&s->st.word, 1);
+}
+
+/* Give up our slot: 1 when a set() had released us (passed on unless keep). */
+static int slot_leave(struct sync_page *s, fmap_waiter *w, int keep)
+{
+    if (w->slot < 0)
+        return 0;
+    struct ev_slot *sl = slot_of(s, w);
+    w->slot = -1;
+    if (slot_cas(sl, SLOT_WAITING, SLOT_FREE)) {
+        slot_free(sl);
+        return 0;
+    }
+    /* Not WAITING: released (ours, unless a reaper judged us gone and took
+       it, which the CAS tells), or no longer ours at all. */
+    if (!slot_cas(sl, SLOT_RELEASED, SLOT_FREE))
+        return 0;
+    slot_free(sl);
+    if (!keep)
+        release_one(s);
+    return 1;
+}
+
+/* Free the slots of waiters that died after a set() released them, with
+   their releases passed on; with `full`, also those of waiters that died
+   waiting, or between taking a slot and waiting in it (for a claimer that
+   found none free).  A release younger than EV_STALE_NS is not asked
+   about: its waiter is most likely on its way. */
+static void slot_reap(struct sync_page *s, int full)
+{
+    uint64_t now = fmap_clock_ns();
+    uint32_t hi = slots_used(s);
+    for (uint32_t i = 0; i < hi; i++) {
+        struct ev_slot *sl = &s->slot[i];
+        uint64_t who = load64(&sl->who);
+        if (!who)
+            continue;
+        int stale = load(&sl->state) == SLOT_RELEASED &&
+                    now - load64(&sl->stamp) >= EV_STALE_NS;
+        if ((stale || full) && fmap_rlock_gone(who) && slot_reclaim(sl, who) == 1)
+            release_one(s);
+    }
+}
+
+/* Take a wait slot (w->slot stays -1 when all are in use). */
+static void slot_enlist(struct sync_page *s, fmap_waiter *w)
+{
+    uint64_t me = fmap_rlock_self();
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < EV_SLOTS; i++) {
+            struct ev_slot *sl = &s->slot[i];
+            uint64_t z = 0;
+            if (load64(&sl->who) != 0 ||
+                !__atomic_compare_exchange_n(&sl->who, &z, me, 0, __ATOMIC_SEQ_CST,
+                                             __ATOMIC_SEQ_CST))
+                continue;
+            __atomic_store_n(&sl->ticket, __atomic_fetch_add(&s->ev.tickets, 1, __ATOMIC_RELAXED),
+                             __ATOMIC_RELAXED);
+            uint32_t hi = load(&s->ev.hi);
+            while (hi < i + 1 && !__atomic_compare_exchange_n(&s->ev.hi, &hi, i + 1, 0,
+                                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                ;
+            /* Waiting from here: set() may release us.  The caller reads the
+               word after this store (see release_one). */
+            __atomic_store_n(&sl->state, SLOT_WAITING, __ATOMIC_SEQ_CST);
+            w->slot = (int32_t)i;
+            return;
+        }
+        slot_reap(s, 1);
+    }
+}
+
+/* Take one unit of a semaphore or event; 1 when taken.  *seen: the word
+   when it was not (what a sleeper on the word waits to change). */
+static int take(const fmap_sync *h, fmap_waiter *w, uint32_t *seen)
 {
     struct sync_page *s = h->p;
-    uint32_t c = load(&s->st.word);
+    uint32_t c;
     if (h->type == FMAP_T_SEMAPHORE) {
+        c = load(&s->st.word);
         while (c > 0)
             if (__atomic_compare_exchange_n(&s->st.word, &c, c - 1, 0, __ATOMIC_SEQ_CST,
                                             __ATOMIC_SEQ_CST))
                 return 1;
+        *seen = 0;
         return 0;
     }
-    if (h->flags & FMAP_SYNC_MANUAL)
-        return c != 0;
-    /* Auto-reset: exactly one waiter turns the event from set to unset. */
-    return c != 0 && __atomic_compare_exchange_n(&s->st.word, &c, 0, 0, __ATOMIC_SEQ_CST,
-                                                 __ATOMIC_SEQ_CST);
+    if (h->flags & FMAP_SYNC_MANUAL) {
+        c = load(&s->st.word);
+        *seen = c;
+        /* Set now, or set since the wait began (and perhaps reset since). */
+        return (c & EV_SET) || ((c ^ w->mark) & ~EV_SET);
+    }
+    /* Auto reset: a release into our slot first; then the word, where
+       exactly one taker turns the event from set to unset. */
+    if (w->slot >= 0) {
+        struct ev_slot *sl = slot_of(s, w);
+        uint32_t st = load(&sl->state);
+        if (st == SLOT_RELEASED && slot_cas(sl, SLOT_RELEASED, SLOT_FREE)) {
+            slot_free(sl);
+            w->slot = -1;
+            return 1;
+        }
+        if (st != SLOT_WAITING && st != SLOT_RELEASED)
+            w->slot = -1;       /* freed under us (judged gone): no longer ours */
+    }
+    c = load(&s->st.word);
+    while (c & EV_SET)
+        if (__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            slot_leave(s, w, 0);
+            return 1;
+        }
+    *seen = c;
+    return 0;
 }
 
-static int looks_free(const fmap_sync *h)
+static int looks_free(const fmap_sync *h, const fmap_waiter *w)
 {
     struct sync_page *s = h->p;
     if (h->type == FMAP_T_MUTEX) {
         return !fmap_rlock_owner(&s->st.lock, NULL) || fmap_rlock_mine(&s->st.lock);
     }
-    return __atomic_load_n(&s->st.word, __ATOMIC_RELAXED) != 0;
+    uint32_t c = __atomic_load_n(&s->st.word, __ATOMIC_RELAXED);
+    if (h->type == FMAP_T_EVENT && (h->flags & FMAP_SYNC_MANUAL))
+        return (c & EV_SET) || ((c ^ w->mark) & ~EV_SET);
+    if (h->type == FMAP_T_EVENT && w->slot >= 0 &&
+        __atomic_load_n(&s->slot[w->slot].state, __ATOMIC_RELAXED) == SLOT_RELEASED)
+        return 1;
+    return c != 0;
+}
+
+void fmap_wait_begin(fmap_sync *h, fmap_waiter *w)
+{
+    w->mark = load(&h->p->st.word);
+    w->slot = -1;
+}
+
+int fmap_wait_end(fmap_sync *h, fmap_waiter *w, int keep)
+{
+    return slot_leave(h->p, w, keep);
 }
 
 /* ask: for a mutex owned by another thread, look whether that owner is
    gone (a few µs): what a caller's try must do (WAIT_ABANDONED at once),
    which spin loops leave to the calls before and after them. */
-int fmap_sync_trywait(fmap_sync *h, int ask, int *depth, int *abandoned, fmap_err *e)
+int fmap_sync_trywait(fmap_sync *h, fmap_waiter *w, int ask, int *depth, int *abandoned,
+                      fmap_err *e)
 {
     struct sync_page *s = h->p;
+    uint32_t seen;
     *abandoned = 0;
     if (h->type == FMAP_T_MUTEX)
         return mutex_got(s, fmap_rlock_take(&s->st.lock, 0, ask, 0), depth, abandoned, e);
-    return take(h) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
+    return take(h, w, &seen) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
 }
 
-int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *depth,
-                      int *abandoned, fmap_err *e)
+int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *index,
+                      int *depth, int *abandoned, fmap_err *e)
 {
+    /* A set() that released one of our slots satisfied this wait then, as
+       SetEvent would have: the earliest such release wins (the others are
+       passed on when the wait ends), before any object merely free now. */
+    int first = -1;
+    uint64_t first_at = 0;
     for (int i = 0; i < n; i++) {
-        int rc = fmap_sync_trywait(v[i], ask, depth, abandoned, e);
+        if (w[i].slot < 0)
+            continue;
+        struct ev_slot *sl = slot_of(v[i]->p, &w[i]);
+        if (load(&sl->state) != SLOT_RELEASED)
+            continue;
+        uint64_t at = load64(&sl->stamp);
+        if (first < 0 || (int64_t)(at - first_at) < 0) {
+            first = i;
+            first_at = at;
+        }
+    }
+    if (first >= 0 && slot_leave(v[first]->p, &w[first], 1)) {
+        *abandoned = 0;
+        *index = first;
+        return FMAP_OK;
+    }
+    for (int i = 0; i < n; i++) {
+        int rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
         if (rc == FMAP_WAIT_TIMEOUT)
             continue;
         *index = i;
@@ -350,31 +637,55 @@ int fmap_sync_try_any(fmap_sync *const *v, int n, int ask, int *index, int *dept
     return FMAP_WAIT_TIMEOUT;
 }
 
-/* Sleep on a semaphore's or event's word until taken or deadline. */
-static int word_wait(const fmap_sync *h, uint64_t deadline, fmap_err *e)
+/* Sleep on a semaphore's or event's word, or on an auto-reset event's wait
+   slot, until taken or deadline. */
+static int word_wait(const fmap_sync *h, fmap_waiter *w, uint64_t deadline, fmap_err *e)
 {
     struct sync_page *s = h->p;
-    int rc;
-    __atomic_add_fetch(&s->st.waiters, 1, __ATOMIC_SEQ_CST);
+    int rc, counted = 0;
+    uint32_t seen;
     for (;;) {
-        if (take(h)) {
+        if (take(h, w, &seen)) {
             rc = FMAP_OK;
             break;
         }
+        uint32_t *f = &s->st.word, val = seen;
+        if (w->slot >= 0) {
+            f = &slot_of(s, w)->state;
+            val = SLOT_WAITING;
+        } else if (!counted) {
+            /* Counted, then taken again: a release after the count wakes us. */
+            __atomic_add_fetch(&s->st.waiters, 1, __ATOMIC_SEQ_CST);
+            counted = 1;
+            continue;
+        }
         /* Wakes and timeouts race: whatever woke us, a unit that is there is
            taken before we give up, so no wake is lost with a leaving waiter. */
-        int r = futex_wait_until(&s->st.word, 0, deadline);
+        int r = futex_wait_until(f, val, deadline);
         if (r == 0)
             continue;
         if (r == ETIMEDOUT || r == EINTR) {
-            rc = take(h) ? FMAP_OK : r == EINTR ? FMAP_WAIT_INTR : FMAP_WAIT_TIMEOUT;
+            rc = take(h, w, &seen) ? FMAP_OK : r == EINTR ? FMAP_WAIT_INTR : FMAP_WAIT_TIMEOUT;
             break;
         }
         rc = fail(e, FMAP_ESYS, r, "futex wait");
         break;
     }
-    __atomic_sub_fetch(&s->st.waiters, 1, __ATOMIC_SEQ_CST);
+    if (counted)
+        __atomic_sub_fetch(&s->st.waiters, 1, __ATOMIC_SEQ_CST);
     return rc;
+}
+
+/* An auto-reset event's waiter about to sleep: a slot, taken once for the
+   whole wait; from a later slice, a look for releases left to the dead. */
+static void settle_in(const fmap_sync *h, fmap_waiter *w)
+{
+    if (h->type != FMAP_T_EVENT || (h->flags & FMAP_SYNC_MANUAL))
+        return;
+    if (w->slot < 0)
+        slot_enlist(h->p, w);
+    else
+        slot_reap(h->p, 0);
 }
 
 /* The spin phase polls for up to spin_ns (bounded by the deadline).  The
@@ -411,7 +722,7 @@ static int spin_more(spinner *sp)
     return 1;
 }
 
-int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
+int fmap_sync_wait(fmap_sync *h, fmap_waiter *w, uint64_t spin_ns, uint64_t deadline, int ask,
                    uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e)
 {
     *abandoned = 0;
@@ -419,8 +730,8 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
         spinner sp;
         spin_start(&sp, spin_ns, deadline);
         do {
-            if (looks_free(h)) {
-                int rc = fmap_sync_trywait(h, 0, depth, abandoned, e);
+            if (looks_free(h, w)) {
+                int rc = fmap_sync_trywait(h, w, 0, depth, abandoned, e);
                 if (rc != FMAP_WAIT_TIMEOUT)
                     return rc;
             }
@@ -433,7 +744,8 @@ int fmap_sync_wait(fmap_sync *h, uint64_t spin_ns, uint64_t deadline, int ask,
     if (h->type == FMAP_T_MUTEX)
         return mutex_got(h->p, fmap_rlock_take(&h->p->st.lock, deadline ? deadline : 1, ask,
                                                ask_ns), depth, abandoned, e);
-    return word_wait(h, deadline, e);
+    settle_in(h, w);
+    return word_wait(h, w, deadline, e);
 }
 
 struct waitv {                  /* struct futex_waitv, Linux 5.16 */
@@ -443,8 +755,9 @@ struct waitv {                  /* struct futex_waitv, Linux 5.16 */
     uint32_t reserved;
 };
 
-int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t deadline,
-                       int ask, int *index, int *depth, int *abandoned, fmap_err *e)
+int fmap_sync_wait_any(fmap_sync *const *v, fmap_waiter *wt, int n, uint64_t spin_ns,
+                       uint64_t deadline, int ask, int *index, int *depth, int *abandoned,
+                       fmap_err *e)
 {
     struct waitv w[FMAP_WAIT_MAX];
     int rc;
@@ -454,26 +767,29 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         spinner sp;
         spin_start(&sp, spin_ns, deadline);
         do {
-            rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
+            rc = fmap_sync_try_any(v, wt, n, 0, index, depth, abandoned, e);
             if (rc != FMAP_WAIT_TIMEOUT)
                 return rc;
         } while (spin_more(&sp));
     }
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
+        settle_in(v[i], &wt[i]);
         __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+    }
     /* A mutex's owner dying changes no seq: whether it is gone is asked on
        the first try after the spin, when the caller says (its slices bound
        the time a death goes unnoticed), not on every wake. */
     for (;;) {
-        /* Snapshot before trying: a release after the try changes seq, and
-           futex_waitv then returns at once. */
+        /* Snapshot before trying: a release after the try changes seq (or
+           our slot), and futex_waitv then returns at once. */
         for (int i = 0; i < n; i++) {
-            w[i].val = load(&v[i]->p->st.seq);
-            w[i].uaddr = (uint64_t)(uintptr_t)&v[i]->p->st.seq;
+            uint32_t *f = wt[i].slot >= 0 ? &slot_of(v[i]->p, &wt[i])->state : &v[i]->p->st.seq;
+            w[i].val = load(f);
+            w[i].uaddr = (uint64_t)(uintptr_t)f;
             w[i].flags = FUTEX_32_FLAG;
             w[i].reserved = 0;
         }
-        rc = fmap_sync_try_any(v, n, ask, index, depth, abandoned, e);
+        rc = fmap_sync_try_any(v, wt, n, ask, index, depth, abandoned, e);
         ask = 0;
         if (rc != FMAP_WAIT_TIMEOUT)
             break;
@@ -487,7 +803,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
         if (err == EAGAIN || err == ETIMEDOUT)
             continue;   /* try again; the deadline check ends it */
         if (err == EINTR) {
-            rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
+            rc = fmap_sync_try_any(v, wt, n, 0, index, depth, abandoned, e);
             if (rc == FMAP_WAIT_TIMEOUT)
                 rc = FMAP_WAIT_INTR;
             break;
@@ -497,7 +813,7 @@ int fmap_sync_wait_any(fmap_sync *const *v, int n, uint64_t spin_ns, uint64_t de
             uint64_t until = deadline - now > 1000000u ? now + 1000000u : deadline;
             struct timespec t = ns_ts(until);
             if (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR) {
-                rc = fmap_sync_try_any(v, n, 0, index, depth, abandoned, e);
+                rc = fmap_sync_try_any(v, wt, n, 0, index, depth, abandoned, e);
                 if (rc == FMAP_WAIT_TIMEOUT)
                     rc = FMAP_WAIT_INTR;
                 break;
@@ -551,17 +867,28 @@ int fmap_sem_release(fmap_sync *h, uint32_t n, uint32_t *prev, fmap_err *e)
 void fmap_event_set(fmap_sync *h)
 {
     struct sync_page *s = h->p;
-    if (__atomic_exchange_n(&s->st.word, 1, __ATOMIC_SEQ_CST) != 0)
-        return;     /* already set: SetEvent has no further effect */
-    /* Manual reset releases every waiter; auto reset exactly one (the one
-       woken takes it, or a newcomer does and the sleepers stay asleep). */
-    if (load(&s->st.waiters))
-        futex_wake(&s->st.word, (h->flags & FMAP_SYNC_MANUAL) ? INT_MAX : 1);
+    if (h->flags & FMAP_SYNC_MANUAL) {
+        /* Every waiter whose wait began before this set() is released by
+           it, now or later: a new generation, with the signal. */
+        uint32_t c = load(&s->st.word);
+        do {
+            if (c & EV_SET)
+                return;     /* already set: SetEvent has no further effect */
+        } while (!__atomic_compare_exchange_n(&s->st.word, &c, (c | EV_SET) + EV_GEN, 0,
+                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+        if (load(&s->st.waiters))
+            futex_wake(&s->st.word, INT_MAX);
+    } else {
+        /* Even when set already: a waiter that took its slot while the
+           word was being signalled is owed this set() of its own. */
+        release_one(s);
+    }
     seq_signal(s);
 }
 
 void fmap_event_reset(fmap_sync *h)
 {
-    struct sync_page *s = h->p;
-    __atomic_store_n(&s->st.word, 0, __ATOMIC_SEQ_CST);
+    /* The signal only: releases already made stay made (and a manual-reset
+       event's generation stays, for the waiters it released). */
+    __atomic_and_fetch(&h->p->st.word, ~EV_SET, __ATOMIC_SEQ_CST);
 }

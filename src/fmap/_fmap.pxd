@@ -142,13 +142,20 @@ cdef extern from "c/fmap.h" nogil:
     void fmap_sync_unmap(fmap_sync *s)
     void fmap_sync_discard(fmap_sync *s)
     void fmap_sync_state(fmap_sync *s, fmap_syncstate *st)
-    int fmap_sync_trywait(fmap_sync *s, int ask, int *depth, int *abandoned, fmap_err *e)
-    int fmap_sync_wait(fmap_sync *s, uint64_t spin_ns, uint64_t deadline, int ask,
-                       uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e)
-    int fmap_sync_try_any(fmap_sync **v, int n, int ask, int *index, int *depth,
-                          int *abandoned, fmap_err *e)
-    int fmap_sync_wait_any(fmap_sync **v, int n, uint64_t spin_ns, uint64_t deadline,
-                           int ask, int *index, int *depth, int *abandoned, fmap_err *e)
+    ctypedef struct fmap_waiter:
+        uint32_t mark
+        int32_t slot
+    void fmap_wait_begin(fmap_sync *s, fmap_waiter *w)
+    int fmap_wait_end(fmap_sync *s, fmap_waiter *w, int keep)
+    int fmap_sync_trywait(fmap_sync *s, fmap_waiter *w, int ask, int *depth, int *abandoned,
+                          fmap_err *e)
+    int fmap_sync_wait(fmap_sync *s, fmap_waiter *w, uint64_t spin_ns, uint64_t deadline,
+                       int ask, uint64_t ask_ns, int *depth, int *abandoned, fmap_err *e)
+    int fmap_sync_try_any(fmap_sync **v, fmap_waiter *w, int n, int ask, int *index,
+                          int *depth, int *abandoned, fmap_err *e)
+    int fmap_sync_wait_any(fmap_sync **v, fmap_waiter *w, int n, uint64_t spin_ns,
+                           uint64_t deadline, int ask, int *index, int *depth, int *abandoned,
+                           fmap_err *e)
     int fmap_mutex_release(fmap_sync *s, fmap_err *e)
     int fmap_sem_release(fmap_sync *s, uint32_t n, uint32_t *prev, fmap_err *e)
     void fmap_event_set(fmap_sync *s)
