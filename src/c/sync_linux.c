@@ -59,13 +59,14 @@
 #define EV_GEN 2u                   /* a manual-reset event's word: one set() (bits 1-31 count them) */
 #define EV_SLOTS 128                /* an auto-reset event's wait slots (twice FMAP_WAIT_MAX) */
 #define EV_STALE_NS 20000000u       /* a release not taken for this long: is its waiter dead? */
+#define EV_REAP_NS 100000000u       /* full reaps of one page's slots: one per 100 ms at most */
 
 /* An auto-reset event's wait slot: one blocked waiter, which a set() can
    release by itself (see "Events" below). */
 enum { SLOT_FREE = 0, SLOT_WAITING = 1, SLOT_RELEASED = 2 };
 struct ev_slot {
     uint64_t who;           /* the waiting thread (fmap_rlock_self), 0 = free: claimed by CAS */
-    uint64_t stamp;         /* when a set() released it (CLOCK_MONOTONIC): wait_any's order */
+    uint64_t stamp;         /* when a set() released it (CLOCK_MONOTONIC; 0: just now) */
     uint32_t state;         /* futex: SLOT_*, what the waiter sleeps on */
     uint32_t ticket;        /* arrival order: the longest waiter is released first */
 };
@@ -90,7 +91,10 @@ struct sync_page {
     } st __attribute__((aligned(64)));
     struct {
         uint32_t tickets;       /* the next waiter's ticket */
-        uint32_t hi;            /* slots [0, hi) have been used: what a set() looks through */
+        uint32_t pad;
+        uint64_t used[2];       /* bit i: slot i may be in use (what a set() looks through) */
+        uint64_t reaped_at;     /* the last full reap of the slots (one per EV_REAP_NS) */
+        uint64_t signal_at;     /* the last release or set seen by wait_any sleepers */
     } ev __attribute__((aligned(64)));
     struct ev_slot slot[EV_SLOTS];
 };
@@ -135,6 +139,15 @@ static uint64_t load64(const uint64_t *w)
     return __atomic_load_n(w, __ATOMIC_SEQ_CST);
 }
 
+
+/* Before a release or set: when wait_any callers sleep on the object, when
+   it was signalled, for one that an event's set() released meanwhile (the
+   earlier of the two is what satisfied its wait).  */
+static void note_signal(struct sync_page *s)
+{
+    if (__atomic_load_n(&s->st.seq_waiters, __ATOMIC_RELAXED))
+        __atomic_store_n(&s->ev.signal_at, fmap_clock_ns(), __ATOMIC_SEQ_CST);
+}
 
 /* wait_any sleepers watch seq: bump it, and wake them only if there are any.
    The bump is a full barrier, ordering the release before the sleeper check. */
@@ -352,12 +365,46 @@ static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fm
  * waiting but whose wake reached nobody asks whether that waiter is gone
  * (kill and /proc, a few µs; it may just be between two slices of its wait)
  * and then takes the release back and frees the slot.  A waiter killed after
- * its release is left a release in its slot: the next waiter to take a slot,
- * or to come back from a slice, passes it on once it is EV_STALE_NS old and
- * its waiter gone.  Nothing a slot holds is used as an address or length;
- * the bound `hi` is clamped.  More than EV_SLOTS waiters at once: the rest
- * wait on the word as before (a set() then releases whoever runs first).
+ * its release is left a release in its slot: the next try that finds the
+ * event unsignalled passes it on, once it is EV_STALE_NS old and its waiter
+ * gone.  A process killed between taking such a release back and passing
+ * it on loses that one release.  Nothing a slot holds is used as an address
+ * or length.  More than EV_SLOTS waiters at once: the rest wait on the word
+ * as before (a set() then releases whoever runs first), and look for a free
+ * slot at each slice; slots of waiters killed before they waited are
+ * freed by a full reap, at most once per EV_REAP_NS.
  */
+
+/* The slots marked used, one at a time. */
+typedef struct {
+    uint64_t m[2];
+} used_iter;
+
+static used_iter used_now(struct sync_page *s)
+{
+    used_iter u = {{load64(&s->ev.used[0]), load64(&s->ev.used[1])}};
+    return u;
+}
+
+static int used_next(used_iter *u)
+{
+    for (int k = 0; k < 2; k++)
+        if (u->m[k]) {
+            int b = __builtin_ctzll(u->m[k]);
+            u->m[k] &= u->m[k] - 1;
+            return k * 64 + b;
+        }
+    return -1;
+}
+
+static void used_mark(struct sync_page *s, int i, int on)
+{
+    uint64_t bit = (uint64_t)1 << (i & 63);
+    if (on)
+        __atomic_fetch_or(&s->ev.used[i >> 6], bit, __ATOMIC_SEQ_CST);
+    else
+        __atomic_fetch_and(&s->ev.used[i >> 6], ~bit, __ATOMIC_SEQ_CST);
+}
 
 static struct ev_slot *slot_of(struct sync_page *s, const fmap_waiter *w)
 {
@@ -370,81 +417,103 @@ static int slot_cas(struct ev_slot *sl, uint32_t from, uint32_t to)
                                        __ATOMIC_SEQ_CST);
 }
 
-/* A slot whose state we just moved to FREE: its claim goes last, so that no
-   one claims a slot still in use. */
-static void slot_free(struct ev_slot *sl)
+/* A slot whose state we just moved to FREE: unmarked, and its claim given
+   up last, so that no one claims a slot still in use. */
+static void slot_free(struct sync_page *s, int i)
 {
-    __atomic_store_n(&sl->who, 0, __ATOMIC_SEQ_CST);
+    used_mark(s, i, 0);
+    __atomic_store_n(&s->slot[i].who, 0, __ATOMIC_SEQ_CST);
 }
 
 /* Free the slot of `who`, a waiter that is gone: claimed from that exact
    identity first, so that of several who found it gone one frees it, and no
    one frees a slot taken again since.  1 when the slot held a release, which
    the caller passes on; 0 when it held none; -1 when another got it first. */
-static int slot_reclaim(struct ev_slot *sl, uint64_t who)
+static int slot_reclaim(struct sync_page *s, int i, uint64_t who)
 {
+    struct ev_slot *sl = &s->slot[i];
     if (!__atomic_compare_exchange_n(&sl->who, &who, fmap_rlock_self(), 0, __ATOMIC_SEQ_CST,
                                      __ATOMIC_SEQ_CST))
         return -1;
     uint32_t st = __atomic_exchange_n(&sl->state, SLOT_FREE, __ATOMIC_SEQ_CST);
-    slot_free(sl);
+    slot_free(s, i);
     return st == SLOT_RELEASED;
-}
-
-static uint32_t slots_used(struct sync_page *s)
-{
-    uint32_t hi = load(&s->ev.hi);
-    return hi < EV_SLOTS ? hi : EV_SLOTS;
 }
 
 /* The longest waiting slot (lowest ticket, wrapping), or -1. */
 static int slot_pick(struct sync_page *s)
 {
     int best = -1;
-    uint32_t best_ticket = 0, hi = slots_used(s);
-    for (uint32_t i = 0; i < hi; i++) {
+    uint32_t best_ticket = 0;
+    used_iter u = used_now(s);
+    for (int i; (i = used_next(&u)) >= 0;) {
         if (load(&s->slot[i].state) != SLOT_WAITING)
             continue;
         uint32_t t = __atomic_load_n(&s->slot[i].ticket, __ATOMIC_RELAXED);
         if (best < 0 || (int32_t)(t - best_ticket) < 0) {
-            best = (int)i;
+            best = i;
             best_ticket = t;
         }
     }
     return best;
 }
 
+/* Signal an auto-reset event's word; 1 when it was not signalled before. */
+static int signal_word(struct sync_page *s)
+{
+    if (__atomic_fetch_or(&s->st.word, EV_SET, __ATOMIC_SEQ_CST) & EV_SET)
+        return 0;
+    if (load(&s->st.waiters))
+        futex_wake(&s->st.word, 1);
+    seq_signal(s);
+    return 1;
+}
+
 /* Release one waiter of an auto-reset event, or signal the word when none
    waits: SetEvent's work, and a passed-on release's. */
 static void release_one(struct sync_page *s)
 {
-    /* Bounded: slots that change under us (waiters leaving, a forger) end
-       in the word being signalled, which every waiter also reads. */
+    /* Bounded: slots that keep changing under us (waiters leaving, a
+       forger) end in the word being signalled, which every waiter reads. */
     for (int tries = 0; tries < 2 * EV_SLOTS; tries++) {
         int i = slot_pick(s);
-        if (i < 0)
-            break;
+        if (i < 0) {
+            uint32_t was = __atomic_fetch_or(&s->st.word, EV_SET, __ATOMIC_SEQ_CST);
+            /* A waiter that took a slot after our pick looked may have read
+               the word before we signalled it (each stored, then loaded:
+               one of us sees the other).  If one did, the release is its,
+               through its slot: a wake alone could come before it sleeps. */
+            if (slot_pick(s) < 0) {
+                if (!(was & EV_SET)) {
+                    if (load(&s->st.waiters))
+                        futex_wake(&s->st.word, 1);
+                    seq_signal(s);
+                }
+                return;
+            }
+            uint32_t c = was | EV_SET;
+            /* A signal that was there before ours stays; ours comes back,
+               unless a taker has had it already (then that was the release). */
+            if (!(was & EV_SET) && !__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0,
+                                                                __ATOMIC_SEQ_CST,
+                                                                __ATOMIC_SEQ_CST))
+                return;
+            continue;
+        }
         struct ev_slot *sl = &s->slot[i];
-        __atomic_store_n(&sl->stamp, fmap_clock_ns(), __ATOMIC_SEQ_CST);
         if (!slot_cas(sl, SLOT_WAITING, SLOT_RELEASED))
             continue;           /* it left, or another set() took it: pick again */
+        __atomic_store_n(&sl->stamp, fmap_clock_ns(), __ATOMIC_SEQ_CST);
         if (futex_wake(&sl->state, 1) > 0)
             return;             /* woken: it will find the release */
         uint64_t who = load64(&sl->who);
-        if (!fmap_rlock_gone(who) || slot_reclaim(sl, who) < 0)
-            return;             /* alive and awake (it will find it), or another passes it on */
-        /* Its waiter is dead: the release is back with us; pick again. */
+        /* Alive and awake (it will find it), or gone with the slot taken
+           since by another (our release was had), or another reclaimer
+           passes it on: done.  Else its waiter died with our release. */
+        if (!fmap_rlock_gone(who) || slot_reclaim(s, i, who) != 1)
+            return;
     }
-    __atomic_or_fetch(&s->st.word, EV_SET, __ATOMIC_SEQ_CST);
-    /* A waiter that took a slot after our pick looked may have read the word
-       before we signalled it (each stored, then loaded: one of us sees the
-       other).  Wake the waiting slots to read it again. */
-    uint32_t hi = slots_used(s);
-    for (uint32_t i = 0; i < hi; i++)
-        if (load(&s->slot[i].state) == SLOT_WAITING)
-            futex_wake(&s->slot[i].state, 1);
-    if (load(&s->st.waiters))
-        futex_wake(&s->st.word, 1);
+    signal_word(s);
 }
 
 /* Give up our slot: 1 when a set() had released us (passed on unless keep). */
@@ -452,41 +521,72 @@ static int slot_leave(struct sync_page *s, fmap_waiter *w, int keep)
 {
     if (w->slot < 0)
         return 0;
-    struct ev_slot *sl = slot_of(s, w);
+    int i = w->slot;
+    struct ev_slot *sl = &s->slot[i];
     w->slot = -1;
     if (slot_cas(sl, SLOT_WAITING, SLOT_FREE)) {
-        slot_free(sl);
+        slot_free(s, i);
         return 0;
     }
     /* Not WAITING: released (ours, unless a reaper judged us gone and took
        it, which the CAS tells), or no longer ours at all. */
     if (!slot_cas(sl, SLOT_RELEASED, SLOT_FREE))
         return 0;
-    slot_free(sl);
+    slot_free(s, i);
     if (!keep)
         release_one(s);
     return 1;
 }
 
-/* Free the slots of waiters that died after a set() released them, with
-   their releases passed on; with `full`, also those of waiters that died
-   waiting, or between taking a slot and waiting in it (for a claimer that
-   found none free).  A release younger than EV_STALE_NS is not asked
-   about: its waiter is most likely on its way. */
-static void slot_reap(struct sync_page *s, int full)
+/* Pass on releases left in the slots of waiters that died after a set()
+   released them: how many.  Loads only, unless a release is EV_STALE_NS old
+   (or its stamp unwritten: its setter may have died) and so its waiter is
+   asked after. */
+static int slot_reap_stale(struct sync_page *s)
 {
-    uint64_t now = fmap_clock_ns();
-    uint32_t hi = slots_used(s);
-    for (uint32_t i = 0; i < hi; i++) {
+    uint64_t now = 0;
+    int passed = 0;
+    used_iter u = used_now(s);
+    for (int i; (i = used_next(&u)) >= 0;) {
         struct ev_slot *sl = &s->slot[i];
-        uint64_t who = load64(&sl->who);
-        if (!who)
+        if (load(&sl->state) != SLOT_RELEASED)
             continue;
-        int stale = load(&sl->state) == SLOT_RELEASED &&
-                    now - load64(&sl->stamp) >= EV_STALE_NS;
-        if ((stale || full) && fmap_rlock_gone(who) && slot_reclaim(sl, who) == 1)
+        uint64_t at = load64(&sl->stamp), who = load64(&sl->who);
+        if (!now)
+            now = fmap_clock_ns();
+        if (at && now - at < EV_STALE_NS)
+            continue;
+        if (fmap_rlock_gone(who) && slot_reclaim(s, i, who) == 1) {
+            release_one(s);
+            passed++;
+        }
+    }
+    return passed;
+}
+
+/* Every slot, used or not (a waiter killed before it marked its slot):
+   those of dead waiters freed, their releases passed on.  For a claimer
+   that found none free, once per EV_REAP_NS per page: each slot costs a
+   kill and a /proc read. */
+static int slot_reap_full(struct sync_page *s)
+{
+    uint64_t now = fmap_clock_ns(), last = load64(&s->ev.reaped_at);
+    if (now - last < EV_REAP_NS ||
+        !__atomic_compare_exchange_n(&s->ev.reaped_at, &last, now, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        return 0;
+    int freed = 0;
+    for (int i = 0; i < EV_SLOTS; i++) {
+        uint64_t who = load64(&s->slot[i].who);
+        if (!who || !fmap_rlock_gone(who))
+            continue;
+        int r = slot_reclaim(s, i, who);
+        if (r >= 0)
+            freed++;
+        if (r == 1)
             release_one(s);
     }
+    return freed;
 }
 
 /* Take a wait slot (w->slot stays -1 when all are in use). */
@@ -494,7 +594,7 @@ static void slot_enlist(struct sync_page *s, fmap_waiter *w)
 {
     uint64_t me = fmap_rlock_self();
     for (int pass = 0; pass < 2; pass++) {
-        for (uint32_t i = 0; i < EV_SLOTS; i++) {
+        for (int i = 0; i < EV_SLOTS; i++) {
             struct ev_slot *sl = &s->slot[i];
             uint64_t z = 0;
             if (load64(&sl->who) != 0 ||
@@ -503,17 +603,16 @@ static void slot_enlist(struct sync_page *s, fmap_waiter *w)
                 continue;
             __atomic_store_n(&sl->ticket, __atomic_fetch_add(&s->ev.tickets, 1, __ATOMIC_RELAXED),
                              __ATOMIC_RELAXED);
-            uint32_t hi = load(&s->ev.hi);
-            while (hi < i + 1 && !__atomic_compare_exchange_n(&s->ev.hi, &hi, i + 1, 0,
-                                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-                ;
+            __atomic_store_n(&sl->stamp, 0, __ATOMIC_RELAXED);
+            used_mark(s, i, 1);
             /* Waiting from here: set() may release us.  The caller reads the
                word after this store (see release_one). */
             __atomic_store_n(&sl->state, SLOT_WAITING, __ATOMIC_SEQ_CST);
-            w->slot = (int32_t)i;
+            w->slot = i;
             return;
         }
-        slot_reap(s, 1);
+        if (!slot_reap_full(s))
+            return;
     }
 }
 
@@ -544,20 +643,26 @@ static int take(const fmap_sync *h, fmap_waiter *w, uint32_t *seen)
         struct ev_slot *sl = slot_of(s, w);
         uint32_t st = load(&sl->state);
         if (st == SLOT_RELEASED && slot_cas(sl, SLOT_RELEASED, SLOT_FREE)) {
-            slot_free(sl);
+            slot_free(s, w->slot);
             w->slot = -1;
             return 1;
         }
         if (st != SLOT_WAITING && st != SLOT_RELEASED)
             w->slot = -1;       /* freed under us (judged gone): no longer ours */
     }
-    c = load(&s->st.word);
-    while (c & EV_SET)
-        if (__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_SEQ_CST)) {
-            slot_leave(s, w, 0);
-            return 1;
-        }
+    for (int again = 0;; again = 1) {
+        c = load(&s->st.word);
+        while (c & EV_SET)
+            if (__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                slot_leave(s, w, 0);
+                return 1;
+            }
+        /* Unsignalled: a release left with a dead waiter is passed on
+           (perhaps to us), then we look once more. */
+        if (again || !slot_reap_stale(s))
+            break;
+    }
     *seen = c;
     return 0;
 }
@@ -606,10 +711,11 @@ int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *
                       int *depth, int *abandoned, fmap_err *e)
 {
     /* A set() that released one of our slots satisfied this wait then, as
-       SetEvent would have: the earliest such release wins (the others are
-       passed on when the wait ends), before any object merely free now. */
-    int first = -1;
-    uint64_t first_at = 0;
+       SetEvent would have; so did any other object signalled before it.
+       Of the releases, the earliest; before it, the first object in order
+       that was signalled earlier still and can be taken now. */
+    int first = -1, rc = FMAP_WAIT_TIMEOUT;
+    uint64_t first_at = 0, now = 0;
     for (int i = 0; i < n; i++) {
         if (w[i].slot < 0)
             continue;
@@ -617,24 +723,38 @@ int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *
         if (load(&sl->state) != SLOT_RELEASED)
             continue;
         uint64_t at = load64(&sl->stamp);
+        if (!at)                /* released this instant: its setter stamps it next */
+            at = now ? now : (now = fmap_clock_ns());
         if (first < 0 || (int64_t)(at - first_at) < 0) {
             first = i;
             first_at = at;
         }
     }
-    if (first >= 0 && slot_leave(v[first]->p, &w[first], 1)) {
-        *abandoned = 0;
-        *index = first;
-        return FMAP_OK;
+    if (first >= 0) {
+        for (int i = 0; i < n && rc == FMAP_WAIT_TIMEOUT; i++) {
+            if (w[i].slot >= 0 || (int64_t)(load64(&v[i]->p->ev.signal_at) - first_at) > 0)
+                continue;
+            rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
+            *index = i;
+        }
+        if (rc == FMAP_WAIT_TIMEOUT && slot_leave(v[first]->p, &w[first], 1)) {
+            *abandoned = 0;
+            *index = first;
+            rc = FMAP_OK;
+        }
     }
-    for (int i = 0; i < n; i++) {
-        int rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
-        if (rc == FMAP_WAIT_TIMEOUT)
-            continue;
+    for (int i = 0; i < n && rc == FMAP_WAIT_TIMEOUT; i++) {
+        rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
         *index = i;
-        return rc;
     }
-    return FMAP_WAIT_TIMEOUT;
+    if (rc != FMAP_OK)
+        return rc;
+    /* Done: our other slots go now, not when the caller gets round to it
+       (a set() and reset() meanwhile would pass theirs on too late). */
+    for (int i = 0; i < n; i++)
+        if (i != *index)
+            slot_leave(v[i]->p, &w[i], 0);
+    return rc;
 }
 
 /* Sleep on a semaphore's or event's word, or on an auto-reset event's wait
@@ -677,15 +797,13 @@ static int word_wait(const fmap_sync *h, fmap_waiter *w, uint64_t deadline, fmap
 }
 
 /* An auto-reset event's waiter about to sleep: a slot, taken once for the
-   whole wait; from a later slice, a look for releases left to the dead. */
+   whole wait (one that found none free looks again at each slice). */
 static void settle_in(const fmap_sync *h, fmap_waiter *w)
 {
     if (h->type != FMAP_T_EVENT || (h->flags & FMAP_SYNC_MANUAL))
         return;
     if (w->slot < 0)
         slot_enlist(h->p, w);
-    else
-        slot_reap(h->p, 0);
 }
 
 /* The spin phase polls for up to spin_ns (bounded by the deadline).  The
@@ -772,10 +890,12 @@ int fmap_sync_wait_any(fmap_sync *const *v, fmap_waiter *wt, int n, uint64_t spi
                 return rc;
         } while (spin_more(&sp));
     }
-    for (int i = 0; i < n; i++) {
-        settle_in(v[i], &wt[i]);
+    /* Counted first, so that what is signalled after we take slots
+       notes when (note_signal). */
+    for (int i = 0; i < n; i++)
         __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
-    }
+    for (int i = 0; i < n; i++)
+        settle_in(v[i], &wt[i]);
     /* A mutex's owner dying changes no seq: whether it is gone is asked on
        the first try after the spin, when the caller says (its slices bound
        the time a death goes unnoticed), not on every wake. */
@@ -841,6 +961,7 @@ int fmap_mutex_release(fmap_sync *h, fmap_err *e)
         return FMAP_OK;
     }
     s->st.depth = 0;
+    note_signal(s);
     if (fmap_rlock_give(&s->st.lock) != 0)
         return fail(e, FMAP_ENOTOWNER, EPERM, "mutex release");
     seq_signal(s);
@@ -855,6 +976,7 @@ int fmap_sem_release(fmap_sync *h, uint32_t n, uint32_t *prev, fmap_err *e)
         /* ERROR_TOO_MANY_POSTS leaves the count as it was. */
         if ((uint64_t)c + n > h->maximum)
             return fail(e, FMAP_ELIMIT, EOVERFLOW, "semaphore release");
+        note_signal(s);
     } while (!__atomic_compare_exchange_n(&s->st.word, &c, c + n, 0, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
     *prev = c;
@@ -874,16 +996,18 @@ void fmap_event_set(fmap_sync *h)
         do {
             if (c & EV_SET)
                 return;     /* already set: SetEvent has no further effect */
+            note_signal(s);
         } while (!__atomic_compare_exchange_n(&s->st.word, &c, (c | EV_SET) + EV_GEN, 0,
                                               __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
         if (load(&s->st.waiters))
             futex_wake(&s->st.word, INT_MAX);
+        seq_signal(s);
     } else {
         /* Even when set already: a waiter that took its slot while the
            word was being signalled is owed this set() of its own. */
+        note_signal(s);
         release_one(s);
     }
-    seq_signal(s);
 }
 
 void fmap_event_reset(fmap_sync *h)
