@@ -83,8 +83,8 @@ class Waiter:
 def event():
     made = []
 
-    def make(**kwargs):
-        e = fmap.Event.create(None, **kwargs)
+    def make(name=None, **kwargs):
+        e = fmap.Event.create(name, **kwargs)
         made.append(e)
         return e
 
@@ -363,7 +363,7 @@ def test_events_follow_windows_under_random_sequences(event, manual, ops):
 
 # ---- processes ------------------------------------------------------------
 
-def spawn_waiter(children, name, manual=False, how="wait"):
+def spawn_waiter(children, name, how="wait"):
     """A process blocked on event `name`: prints `released` when its wait
     returns True; we return once it sleeps in the kernel."""
     call = {"wait": f"e.wait(timeout={CHILD_TIMEOUT})",
@@ -381,60 +381,48 @@ def spawn_waiter(children, name, manual=False, how="wait"):
 
 
 @pytest.mark.parametrize("how", ["wait", "wait_any"])
-def test_processes_released_by_back_to_back_sets(name, children, how):
-    e = fmap.Event.create(name)
-    try:
-        ps = [spawn_waiter(children, name, how=how) for _ in range(3)]
-        e.set()
-        e.set()
-        e.reset()
-        e.set()
-        for p in ps:
-            assert p.expect("released", timeout=10) == "released"
-            assert p.wait(10) == 0
-        assert not e.is_set()
-    finally:
-        e.close()
+def test_processes_released_by_back_to_back_sets(name, children, event, how):
+    e = event(name)
+    ps = [spawn_waiter(children, name, how=how) for _ in range(3)]
+    e.set()
+    e.set()
+    e.reset()
+    e.set()
+    for p in ps:
+        assert p.expect("released", timeout=10) == "released"
+        assert p.wait(10) == 0
+    assert not e.is_set()
 
 
-def test_manual_reset_processes_released_by_a_set_and_reset(name, children):
-    e = fmap.Event.create(name, manual_reset=True)
-    try:
-        ps = [spawn_waiter(children, name) for _ in range(3)]
-        e.set()
-        e.reset()
-        for p in ps:
-            assert p.expect("released", timeout=10) == "released"
-    finally:
-        e.close()
+def test_manual_reset_processes_released_by_a_set_and_reset(name, children, event):
+    e = event(name, manual_reset=True)
+    ps = [spawn_waiter(children, name) for _ in range(3)]
+    e.set()
+    e.reset()
+    for p in ps:
+        assert p.expect("released", timeout=10) == "released"
 
 
-def test_a_waiter_killed_while_waiting_takes_no_set(name, children):
-    e = fmap.Event.create(name)
-    try:
-        dead = spawn_waiter(children, name)
-        dead.kill()
-        live = spawn_waiter(children, name)
-        e.set()                                    # to the live waiter, not the dead
-        assert live.expect("released", timeout=10) == "released"
-        assert not e.is_set()
-        e.set()                                    # nobody waits: signalled
-        assert e.is_set() and e.wait(0) is True
-    finally:
-        e.close()
+def test_a_waiter_killed_while_waiting_takes_no_set(name, children, event):
+    e = event(name)
+    dead = spawn_waiter(children, name)
+    dead.kill()
+    live = spawn_waiter(children, name)
+    e.set()                                    # to the live waiter, not the dead
+    assert live.expect("released", timeout=10) == "released"
+    assert not e.is_set()
+    e.set()                                    # nobody waits: signalled
+    assert e.is_set() and e.wait(0) is True
 
 
-def test_a_release_left_by_a_killed_waiter_is_passed_on(name, children):
-    e = fmap.Event.create(name)
-    try:
-        victim = spawn_waiter(children, name)
-        os.kill(victim.pid, signal.SIGSTOP)        # asleep: set() wakes it, it cannot run
-        e.set()
-        assert not e.is_set()                      # released to the stopped waiter
-        victim.kill()
-        # The next try finds the release of a waiter that is gone, and takes
-        # it: a loop of tries, not only a long wait (which looks each slice).
-        assert poll(lambda: e.wait(0), timeout=2.0) is True
-        assert not e.is_set() and e.wait(0) is False
-    finally:
-        e.close()
+def test_a_release_left_by_a_killed_waiter_is_passed_on(name, children, event):
+    e = event(name)
+    victim = spawn_waiter(children, name)
+    os.kill(victim.pid, signal.SIGSTOP)        # asleep: set() wakes it, it cannot run
+    e.set()
+    assert not e.is_set()                      # released to the stopped waiter
+    victim.kill()
+    # The next try finds the release of a waiter that is gone, and takes it:
+    # a loop of tries, not only a long wait (which looks each slice).
+    assert poll(lambda: e.wait(0), timeout=2.0) is True
+    assert not e.is_set() and e.wait(0) is False
