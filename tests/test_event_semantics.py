@@ -198,49 +198,74 @@ def test_wait_any_takes_what_was_signalled_before_the_set(event, kind):
             first.close()
 
 
-def test_wait_any_leaves_its_other_slots_at_once(name, children):
-    # A wait satisfied by one object gives up its slots on the others when
-    # it ends, before its thread has the GIL back: a set() and reset() from
-    # another process meanwhile release nobody, as on Windows.
-    a = fmap.Event.create(name)
-    s = fmap.Semaphore.create(None, 0, 1)
+def child_acts_while_we_hold_the_gil(children, name, act, before=None, hold=0.05):
+    """Run `act` (code using e, a named auto-reset event `name`, and s, a
+    semaphore `name`.s) in a child process while this process holds the GIL:
+    no system call, no thread switch.  A thread of ours that a wait released
+    meanwhile cannot get back into Python.  `before` runs first, with the
+    GIL held as well; `hold` seconds pass between it and the child's act."""
     flag = fmap.create(name + ".flag", size=1)
+    code = textwrap.dedent(f"""
+        import time, fmap
+        e = fmap.Event.open({name!r})
+        s = fmap.Semaphore.open({name + ".s"!r})
+        flag = fmap.open({name + ".flag"!r})
+        with flag.map() as v:
+            print("ready", flush=True)
+            while v[0] != 1:
+                time.sleep(0.001)
+            {act}
+            v[0] = 2
+    """)
+    c = children(code)
+    c.expect("ready")
     old_interval = sys.getswitchinterval()
     try:
-        code = textwrap.dedent(f"""
-            import time, fmap
-            e = fmap.Event.open({name!r})
-            flag = fmap.open({name + ".flag"!r})
-            with flag.map() as v:
-                print("ready", flush=True)
-                while v[0] != 1:
-                    time.sleep(0.001)
-                e.set(); e.reset()
-                v[0] = 2
-        """)
-        c = children(code)
-        c.expect("ready")
-        w = Waiter(lambda: fmap.wait_any([s, a], timeout=CHILD_TIMEOUT))
         with flag.map() as v:
-            # Hold the GIL (no system call, no switch) from the release until
-            # the child has set and reset: the waiter's thread, woken by the
-            # release, cannot get back into Python meanwhile.
             sys.setswitchinterval(CHILD_TIMEOUT)
-            s.release()
+            if before:
+                before()
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.05:     # the waiter's C part runs
+            while time.monotonic() - t0 < hold:
                 pass
             v[0] = 1
             while v[0] != 2 and time.monotonic() - t0 < CHILD_TIMEOUT:
                 pass
             sys.setswitchinterval(old_interval)
             assert v[0] == 2
-        assert w.done() and w.result == 0
-        assert not a.is_set() and a.wait(0) is False
     finally:
         sys.setswitchinterval(old_interval)
-        for h in (a, s, flag):
-            h.close()
+        flag.close()
+
+
+@pytest.fixture
+def event_and_semaphore(name, event):
+    s = fmap.Semaphore.create(name + ".s", 0, 1)
+    yield event(name), s
+    s.close()
+
+
+def test_wait_any_leaves_its_other_slots_at_once(name, children, event_and_semaphore):
+    # A wait satisfied by one object gives up its slots on the others when
+    # it ends, before its thread has the GIL back: a set() and reset() from
+    # another process meanwhile release nobody, as on Windows.
+    a, s = event_and_semaphore
+    w = Waiter(lambda: fmap.wait_any([s, a], timeout=CHILD_TIMEOUT))
+    child_acts_while_we_hold_the_gil(children, name, "e.set(); e.reset()", before=s.release)
+    assert w.done() and w.result == 0
+    assert not a.is_set() and a.wait(0) is False
+
+
+def test_wait_any_orders_what_comes_between_its_slices(name, children, event_and_semaphore):
+    # The waiting thread is between two slices (its slice ended while we
+    # hold the GIL): an event set and then a semaphore released meanwhile;
+    # the set came first and satisfied the wait, the unit stays.
+    a, s = event_and_semaphore
+    w = Waiter(lambda: fmap.wait_any([s, a], timeout=CHILD_TIMEOUT))
+    child_acts_while_we_hold_the_gil(children, name, "e.set(); time.sleep(0.01); s.release()",
+                                     hold=0.1)
+    assert w.done() and w.result == 1
+    assert s.count == 1 and not a.is_set()
 
 
 def test_two_wait_any_waiters_and_two_sets(event):

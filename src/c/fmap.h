@@ -252,6 +252,7 @@ void fmap_sync_state(fmap_sync *s, fmap_syncstate *st);
 typedef struct {
     uint32_t mark;          /* manual-reset event: its state when the wait began */
     int32_t slot;           /* auto-reset event: our wait slot in its page, -1 = none */
+    uint32_t counted;       /* wait_any: counted among the object's sleepers (seq_waiters) */
 } fmap_waiter;
 
 void fmap_wait_begin(fmap_sync *s, fmap_waiter *w);

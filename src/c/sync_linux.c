@@ -60,6 +60,7 @@
 #define EV_SLOTS 128                /* an auto-reset event's wait slots (twice FMAP_WAIT_MAX) */
 #define EV_STALE_NS 20000000u       /* a release not taken for this long: is its waiter dead? */
 #define EV_REAP_NS 100000000u       /* full reaps of one page's slots: one per 100 ms at most */
+#define EV_REAP_MAX 4               /* releases one try passes on at most (a forged page's cost) */
 
 /* An auto-reset event's wait slot: one blocked waiter, which a set() can
    release by itself (see "Events" below). */
@@ -82,7 +83,7 @@ struct sync_page {
     /* What every acquire and release touches, on one cache line. */
     struct {
         uint32_t seq;           /* bumped on every release / set: wait_any's futex */
-        uint32_t seq_waiters;   /* wait_any callers sleeping on seq */
+        uint32_t seq_waiters;   /* wait_any callers waiting (asleep on seq, or between slices) */
         uint32_t word;          /* futex: semaphore count, or event state (EV_SET, EV_GEN) */
         uint32_t waiters;       /* threads sleeping on word */
         uint32_t depth;         /* mutex: recursion depth, written by the owner only */
@@ -95,6 +96,7 @@ struct sync_page {
         uint64_t used[2];       /* bit i: slot i may be in use (what a set() looks through) */
         uint64_t reaped_at;     /* the last full reap of the slots (one per EV_REAP_NS) */
         uint64_t signal_at;     /* the last release or set seen by wait_any sleepers */
+        uint64_t asked_at;      /* the last look at old releases' waiters (one per EV_STALE_NS) */
     } ev __attribute__((aligned(64)));
     struct ev_slot slot[EV_SLOTS];
 };
@@ -373,6 +375,13 @@ static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fm
  * as before (a set() then releases whoever runs first), and look for a free
  * slot at each slice; slots of waiters killed before they waited are
  * freed by a full reap, at most once per EV_REAP_NS.
+ *
+ * Known gap: a set() that found no slot signals the word, then looks again;
+ * a waiter that took a slot in between is handed the release by taking the
+ * signal back.  A reset() landing between the signal and the take-back
+ * makes the take-back fail as if a taker had had the signal, and that
+ * waiter stays waiting (three calls within about 100 ns).  Closing it needs
+ * a pending bit that reset() leaves alone.
  */
 
 /* The slots marked used, one at a time. */
@@ -513,7 +522,13 @@ static void release_one(struct sync_page *s)
         if (!fmap_rlock_gone(who) || slot_reclaim(s, i, who) != 1)
             return;
     }
+    /* Slots changing faster than we could pick: signal the word, and wake
+       every waiting slot to read it. */
     signal_word(s);
+    used_iter u = used_now(s);
+    for (int i; (i = used_next(&u)) >= 0;)
+        if (load(&s->slot[i].state) == SLOT_WAITING)
+            futex_wake(&s->slot[i].state, 1);
 }
 
 /* Give up our slot: 1 when a set() had released us (passed on unless keep). */
@@ -545,9 +560,9 @@ static int slot_leave(struct sync_page *s, fmap_waiter *w, int keep)
 static int slot_reap_stale(struct sync_page *s)
 {
     uint64_t now = 0;
-    int passed = 0;
+    int passed = 0, asking = 0;
     used_iter u = used_now(s);
-    for (int i; (i = used_next(&u)) >= 0;) {
+    for (int i; (i = used_next(&u)) >= 0 && passed < EV_REAP_MAX;) {
         struct ev_slot *sl = &s->slot[i];
         if (load(&sl->state) != SLOT_RELEASED)
             continue;
@@ -556,6 +571,17 @@ static int slot_reap_stale(struct sync_page *s)
             now = fmap_clock_ns();
         if (at && now - at < EV_STALE_NS)
             continue;
+        /* A waiter released long ago may be alive, only stopped or starved:
+           its /proc entry is read once per EV_STALE_NS per page, not at
+           every try of every waiter. */
+        if (!asking) {
+            uint64_t last = load64(&s->ev.asked_at);
+            if (now - last < EV_STALE_NS ||
+                !__atomic_compare_exchange_n(&s->ev.asked_at, &last, now, 0, __ATOMIC_SEQ_CST,
+                                             __ATOMIC_SEQ_CST))
+                return passed;
+            asking = 1;
+        }
         if (fmap_rlock_gone(who) && slot_reclaim(s, i, who) == 1) {
             release_one(s);
             passed++;
@@ -686,10 +712,15 @@ void fmap_wait_begin(fmap_sync *h, fmap_waiter *w)
 {
     w->mark = load(&h->p->st.word);
     w->slot = -1;
+    w->counted = 0;
 }
 
 int fmap_wait_end(fmap_sync *h, fmap_waiter *w, int keep)
 {
+    if (w->counted) {
+        __atomic_sub_fetch(&h->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+        w->counted = 0;
+    }
     return slot_leave(h->p, w, keep);
 }
 
@@ -891,9 +922,13 @@ int fmap_sync_wait_any(fmap_sync *const *v, fmap_waiter *wt, int n, uint64_t spi
         } while (spin_more(&sp));
     }
     /* Counted first, so that what is signalled after we take slots
-       notes when (note_signal). */
+       notes when (note_signal); and for the whole wait, slices and their
+       gaps included (fmap_wait_end uncounts). */
     for (int i = 0; i < n; i++)
-        __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+        if (!wt[i].counted) {
+            __atomic_add_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
+            wt[i].counted = 1;
+        }
     for (int i = 0; i < n; i++)
         settle_in(v[i], &wt[i]);
     /* A mutex's owner dying changes no seq: whether it is gone is asked on
@@ -943,8 +978,6 @@ int fmap_sync_wait_any(fmap_sync *const *v, fmap_waiter *wt, int n, uint64_t spi
         rc = fail(e, FMAP_ESYS, err, "futex_waitv");
         break;
     }
-    for (int i = 0; i < n; i++)
-        __atomic_sub_fetch(&v[i]->p->st.seq_waiters, 1, __ATOMIC_SEQ_CST);
     return rc;
 }
 

@@ -145,6 +145,7 @@ cdef extern from "c/fmap.h" nogil:
     ctypedef struct fmap_waiter:
         uint32_t mark
         int32_t slot
+        uint32_t counted
     void fmap_wait_begin(fmap_sync *s, fmap_waiter *w)
     int fmap_wait_end(fmap_sync *s, fmap_waiter *w, int keep)
     int fmap_sync_trywait(fmap_sync *s, fmap_waiter *w, int ask, int *depth, int *abandoned,
