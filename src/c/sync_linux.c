@@ -57,6 +57,8 @@
 #define FUTEX_32_FLAG 2u            /* futex_waitv: a 32-bit word; shared (no FUTEX2_PRIVATE) */
 #define EV_SET 1u                   /* an event's word: signalled */
 #define EV_GEN 2u                   /* a manual-reset event's word: one set() (bits 1-31 count them) */
+#define EV_PEND 2u                  /* an auto-reset event's word: a set() in flight (release_one) */
+#define EV_PEND_WAIT_NS 1000000u    /* how long a set() lets another in flight finish (see there) */
 #define EV_SLOTS 128                /* an auto-reset event's wait slots (twice FMAP_WAIT_MAX) */
 #define EV_STALE_NS 20000000u       /* a release not taken for this long: is its waiter dead? */
 #define EV_REAP_NS 100000000u       /* full reaps of one page's slots: one per 100 ms at most */
@@ -375,13 +377,6 @@ static int mutex_got(struct sync_page *s, int rc, int *depth, int *abandoned, fm
  * as before (a set() then releases whoever runs first), and look for a free
  * slot at each slice; slots of waiters killed before they waited are
  * freed by a full reap, at most once per EV_REAP_NS.
- *
- * Known gap: a set() that found no slot signals the word, then looks again;
- * a waiter that took a slot in between is handed the release by taking the
- * signal back.  A reset() landing between the signal and the take-back
- * makes the take-back fail as if a taker had had the signal, and that
- * waiter stays waiting (three calls within about 100 ns).  Closing it needs
- * a pending bit that reset() leaves alone.
  */
 
 /* The slots marked used, one at a time. */
@@ -478,6 +473,34 @@ static int signal_word(struct sync_page *s)
     return 1;
 }
 
+/* Signal an auto-reset event's word as a set() in flight (EV_SET | EV_PEND);
+   1 when we did, 0 when it was signalled already.  EV_PEND without EV_SET
+   is another set() in flight across a reset(): it finishes in well under a
+   microsecond, unless preempted or killed, and we let it (for up to
+   EV_PEND_WAIT_NS), so that two in flight never share the mark. */
+static int signal_pending(struct sync_page *s)
+{
+    uint32_t c = load(&s->st.word);
+    uint64_t until = 0;
+    for (unsigned n = 0;; n++) {
+        if (c & EV_SET)
+            return 0;
+        if ((c & EV_PEND) && (!until || fmap_clock_ns() < until)) {
+            if (!until)
+                until = fmap_clock_ns() + EV_PEND_WAIT_NS;
+            if (n & 63)
+                cpu_relax();
+            else
+                sched_yield();
+            c = load(&s->st.word);
+            continue;
+        }
+        if (__atomic_compare_exchange_n(&s->st.word, &c, c | EV_SET | EV_PEND, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 1;
+    }
+}
+
 /* Release one waiter of an auto-reset event, or signal the word when none
    waits: SetEvent's work, and a passed-on release's. */
 static void release_one(struct sync_page *s)
@@ -487,26 +510,34 @@ static void release_one(struct sync_page *s)
     for (int tries = 0; tries < 2 * EV_SLOTS; tries++) {
         int i = slot_pick(s);
         if (i < 0) {
-            uint32_t was = __atomic_fetch_or(&s->st.word, EV_SET, __ATOMIC_SEQ_CST);
-            /* A waiter that took a slot after our pick looked may have read
+            /* No slot waits: signal the word, marked in flight (EV_PEND).
+               A waiter that took a slot after our pick looked may have read
                the word before we signalled it (each stored, then loaded:
-               one of us sees the other).  If one did, the release is its,
-               through its slot: a wake alone could come before it sleeps. */
+               one of us sees the other); if one did, the release is its,
+               through its slot (a wake alone could come before it sleeps),
+               and a reset() meanwhile must not undo that: reset() clears
+               EV_SET only, a taker both, so EV_PEND still there says that
+               our signal was not taken. */
+            int ours = signal_pending(s);
             if (slot_pick(s) < 0) {
-                if (!(was & EV_SET)) {
+                if (ours) {
+                    __atomic_fetch_and(&s->st.word, ~EV_PEND, __ATOMIC_SEQ_CST);
                     if (load(&s->st.waiters))
                         futex_wake(&s->st.word, 1);
                     seq_signal(s);
                 }
                 return;
             }
-            uint32_t c = was | EV_SET;
-            /* A signal that was there before ours stays; ours comes back,
-               unless a taker has had it already (then that was the release). */
-            if (!(was & EV_SET) && !__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0,
-                                                                __ATOMIC_SEQ_CST,
-                                                                __ATOMIC_SEQ_CST))
-                return;
+            if (ours) {
+                uint32_t c = load(&s->st.word);
+                do {
+                    if (!(c & EV_PEND))
+                        return;         /* a taker had it: that was the release */
+                } while (!__atomic_compare_exchange_n(&s->st.word, &c,
+                                                      c & ~(EV_SET | EV_PEND), 0,
+                                                      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+            }
+            /* (A signal that was there before ours stays.) */
             continue;
         }
         struct ev_slot *sl = &s->slot[i];
@@ -679,8 +710,8 @@ static int take(const fmap_sync *h, fmap_waiter *w, uint32_t *seen)
     for (int again = 0;; again = 1) {
         c = load(&s->st.word);
         while (c & EV_SET)
-            if (__atomic_compare_exchange_n(&s->st.word, &c, c & ~EV_SET, 0, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_SEQ_CST)) {
+            if (__atomic_compare_exchange_n(&s->st.word, &c, c & ~(EV_SET | EV_PEND), 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
                 slot_leave(s, w, 0);
                 return 1;
             }
@@ -702,9 +733,9 @@ static int looks_free(const fmap_sync *h, const fmap_waiter *w)
     uint32_t c = __atomic_load_n(&s->st.word, __ATOMIC_RELAXED);
     if (h->type == FMAP_T_EVENT && (h->flags & FMAP_SYNC_MANUAL))
         return (c & EV_SET) || ((c ^ w->mark) & ~EV_SET);
-    if (h->type == FMAP_T_EVENT && w->slot >= 0 &&
-        __atomic_load_n(&s->slot[w->slot].state, __ATOMIC_RELAXED) == SLOT_RELEASED)
-        return 1;
+    if (h->type == FMAP_T_EVENT)
+        return (c & EV_SET) || (w->slot >= 0 && __atomic_load_n(&s->slot[w->slot].state,
+                                                                __ATOMIC_RELAXED) == SLOT_RELEASED);
     return c != 0;
 }
 
@@ -1046,6 +1077,7 @@ void fmap_event_set(fmap_sync *h)
 void fmap_event_reset(fmap_sync *h)
 {
     /* The signal only: releases already made stay made (and a manual-reset
-       event's generation stays, for the waiters it released). */
+       event's generation stays, for the waiters it released; an auto-reset
+       event's EV_PEND, for the set() in flight). */
     __atomic_and_fetch(&h->p->st.word, ~EV_SET, __ATOMIC_SEQ_CST);
 }
