@@ -58,7 +58,7 @@
 #define EV_SET 1u                   /* an event's word: signalled */
 #define EV_GEN 2u                   /* a manual-reset event's word: one set() (bits 1-31 count them) */
 #define EV_PEND 2u                  /* an auto-reset event's word: a set() in flight (release_one) */
-#define EV_PEND_WAIT_NS 1000000u    /* how long a set() lets another in flight finish (see there) */
+#define EV_PEND_WAIT_NS 1000000u    /* how long a set() lets another in flight finish (pend_settle) */
 #define EV_SLOTS 128                /* an auto-reset event's wait slots (twice FMAP_WAIT_MAX) */
 #define EV_STALE_NS 20000000u       /* a release not taken for this long: is its waiter dead? */
 #define EV_REAP_NS 100000000u       /* full reaps of one page's slots: one per 100 ms at most */
@@ -473,38 +473,51 @@ static int signal_word(struct sync_page *s)
     return 1;
 }
 
+/* EV_PEND without EV_SET: a set() in flight across a reset(), which may
+   yet take its signal back for a waiter that came meanwhile.  It finishes
+   in well under a microsecond, unless preempted or killed: we let it, for
+   up to EV_PEND_WAIT_NS, before we release anyone ourselves (a release of
+   ours in between could leave it nothing to hand that waiter but the word
+   we are about to signal).  A set() stalled longer than that shares the
+   mark with ours, and one of the two may then leave the word signalled
+   with that waiter asleep until its next slice (known gap). */
+static void pend_settle(struct sync_page *s)
+{
+    uint64_t until = 0;
+    for (unsigned n = 0;; n++) {
+        uint32_t c = load(&s->st.word);
+        if ((c & (EV_SET | EV_PEND)) != EV_PEND)
+            return;
+        uint64_t now = fmap_clock_ns();
+        if (!until)
+            until = now + EV_PEND_WAIT_NS;
+        else if (now >= until)
+            return;
+        if (n & 63)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
 /* Signal an auto-reset event's word as a set() in flight (EV_SET | EV_PEND);
-   1 when we did, 0 when it was signalled already.  EV_PEND without EV_SET
-   is another set() in flight across a reset(): it finishes in well under a
-   microsecond, unless preempted or killed, and we let it (for up to
-   EV_PEND_WAIT_NS), so that two in flight never share the mark. */
+   1 when we did, 0 when it was signalled already. */
 static int signal_pending(struct sync_page *s)
 {
     uint32_t c = load(&s->st.word);
-    uint64_t until = 0;
-    for (unsigned n = 0;; n++) {
+    do {
         if (c & EV_SET)
             return 0;
-        if ((c & EV_PEND) && (!until || fmap_clock_ns() < until)) {
-            if (!until)
-                until = fmap_clock_ns() + EV_PEND_WAIT_NS;
-            if (n & 63)
-                cpu_relax();
-            else
-                sched_yield();
-            c = load(&s->st.word);
-            continue;
-        }
-        if (__atomic_compare_exchange_n(&s->st.word, &c, c | EV_SET | EV_PEND, 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            return 1;
-    }
+    } while (!__atomic_compare_exchange_n(&s->st.word, &c, c | EV_SET | EV_PEND, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    return 1;
 }
 
 /* Release one waiter of an auto-reset event, or signal the word when none
    waits: SetEvent's work, and a passed-on release's. */
 static void release_one(struct sync_page *s)
 {
+    pend_settle(s);
     /* Bounded: slots that keep changing under us (waiters leaving, a
        forger) end in the word being signalled, which every waiter reads. */
     for (int tries = 0; tries < 2 * EV_SLOTS; tries++) {
