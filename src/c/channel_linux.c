@@ -342,8 +342,9 @@ static void moved(fmap_chanmap *m, int side, uint64_t cur)
    Counted first: a consumer looks for holes after a take only when the
    count says there are some, and the count is never below the holes the
    tail has not passed.  A process killed between the count and the swap
-   (or between passing a hole and the count) leaves it too high for good:
-   takes then look for holes every time, slower but no less right. */
+   (or between passing a hole and the count) leaves it too high: takes then
+   look for holes every time, slower (about 10% for small messages) but no
+   less right, until settle_holes takes the excess off. */
 static int make_hole(fmap_chanmap *m, uint64_t pos, uint64_t from, uint64_t to)
 {
     __atomic_add_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
@@ -716,6 +717,9 @@ static int map_all(int fd, const struct geometry *g, fmap_chanmap *m, fmap_err *
     m->reaping = 0;
     memset(m->excess, 0, sizeof m->excess);
     memset(m->excess_at, 0, sizeof m->excess_at);
+    m->hole_misses = m->settling = 0;
+    m->holes_seen = m->holes_excess = 0;
+    m->holes_seen_at = m->holes_looked = 0;
     memset(&m->cp, 0, sizeof m->cp);
     return FMAP_OK;
 }
@@ -1584,6 +1588,70 @@ void fmap_chan_copy_epoch(fmap_chanmap *m, uint64_t bytes, uint64_t ns)
     cp_epoch(m, 1 + ns);
 }
 
+/* The holes count above the holes there are: taken off, as settle_totals
+   does for sleepers, when one handle sees the same excess over the same
+   count twice, SETTLE_NS to SETTLE_MAX_NS apart (a make_hole between its
+   count and its swap takes nanoseconds: only a process stopped or killed
+   there is still between them at both looks).  A look walks the ring from
+   the tail to the head and counts the holes the tail has not passed; a
+   slot counts only if the tail, read after its word, is not past it (a
+   consumed slot reads as a hole too).  It is thrown away if the count
+   changed meanwhile.  A handle looks after HOLE_MISSES takes that found no
+   hole behind them (real holes passed in between do not reset the tally),
+   at most once per SETTLE_NS.
+   Wrong only when a live process sat between count and swap at both looks
+   (stopped there), or the count left the value read and came back before
+   the CAS: the count is then low, and may go below zero.  Then takes stop
+   looking for holes behind them: len() counts a hole, and a closed channel
+   drained but for holes reads as ended, only once a consumer comes to it
+   (every take passes the holes it finds first).  Nothing is lost. */
+#define HOLE_MISSES 4096u
+
+static void settle_holes(fmap_chanmap *m)
+{
+    struct fmap_chan *h = m->h;
+    uint32_t me = (uint32_t)fmap_getpid();
+    __atomic_store_n(&m->hole_misses, 0, __ATOMIC_RELAXED);
+    if (__atomic_exchange_n(&m->settling, me, __ATOMIC_ACQUIRE) == me)
+        return;             /* another thread of ours is at it */
+    uint64_t now = fmap_clock_ns();
+    if (now - m->holes_looked >= SETTLE_NS) {
+        m->holes_looked = now;
+        int32_t count = __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST);
+        uint64_t tl = C_POS(load64(&h->tail)), hd = C_POS(load64(&h->head));
+        if (hd - tl > m->capacity)      /* a cursor moved meanwhile (or forged) */
+            hd = tl + m->capacity;
+        int32_t there = 0;
+        for (uint64_t p = tl; p < hd && there < count; p += 64) {
+            uint64_t seen = 0, n = hd - p < 64 ? hd - p : 64;
+            for (uint64_t k = 0; k < n; k++)
+                if (is_hole(load_word(m, p + k), p + k))
+                    seen |= (uint64_t)1 << k;
+            /* The tail once per 64 words, after them (it is the consumers'
+               busiest line): a slot it has passed may have been consumed. */
+            uint64_t now_tl = C_POS(load64(&h->tail));
+            for (uint64_t k = 0; k < n; k++)
+                if ((seen >> k & 1) && p + k >= now_tl)
+                    there++;
+        }
+        int32_t excess = count - there;
+        if (count <= 0 || excess <= 0 || __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count) {
+            m->holes_seen_at = 0;           /* none, or the count moved: no sighting */
+        } else if (!m->holes_seen_at || now - m->holes_seen_at > SETTLE_MAX_NS ||
+                   m->holes_seen != count) {
+            m->holes_seen = count;          /* a first sighting */
+            m->holes_excess = excess;
+            m->holes_seen_at = now;
+        } else if (now - m->holes_seen_at >= SETTLE_NS) {
+            int32_t drop = excess < m->holes_excess ? excess : m->holes_excess;
+            __atomic_compare_exchange_n(&h->holes, &count, count - drop, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST);
+            m->holes_seen_at = 0;
+        }
+    }
+    __atomic_store_n(&m->settling, 0, __ATOMIC_RELEASE);
+}
+
 /* Move the consumers' cursor past slots that need no consumer (given back
    unsent, or withheld), as a consumer arriving there would: so len() does
    not count them and a drained, closed channel reads as ended. */
@@ -1592,8 +1660,14 @@ static void skip_holes(fmap_chanmap *m)
     struct fmap_chan *h = m->h;
     for (uint32_t tries = 0; tries < RETRIES; tries++) {
         uint64_t cur = load64(&h->tail), tl = C_POS(cur);
-        if (!is_hole(load_word(m, tl), tl))
+        if (!is_hole(load_word(m, tl), tl)) {
+            /* The count says there are holes, and takes keep finding none:
+               it may count some that a killed process never made. */
+            if (tries == 0 &&
+                __atomic_add_fetch(&m->hole_misses, 1, __ATOMIC_RELAXED) >= HOLE_MISSES)
+                settle_holes(m);
             return;
+        }
         pass_hole(m, cur);
     }
 }

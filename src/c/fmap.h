@@ -329,6 +329,13 @@ typedef struct {
     uint32_t excess[2];     /* per side: sleepers the total counted beyond the records
                                at this handle's first sighting (settle_totals) */
     uint64_t excess_at[2];  /* per side: when that sighting was, 0 for none */
+    uint32_t hole_misses;   /* looks for holes after a take that found none (settle_holes) */
+    uint32_t settling;      /* the pid whose settle_holes call is running, or 0 (as reaping) */
+    int32_t holes_seen;     /* the holes count at this handle's first sighting of an
+                               excess over the holes in the ring (settle_holes) */
+    int32_t holes_excess;   /* that excess */
+    uint64_t holes_seen_at; /* when that sighting was, 0 for none */
+    uint64_t holes_looked;  /* when this handle last looked (one look per SETTLE_NS) */
     uint64_t stuck[2];      /* per side (producers, consumers): since when this handle's
                                claims have found nothing, across calls; 0 after one succeeds */
     uint64_t checked[2];    /* per side: when this handle last looked for a dead claimer */
