@@ -935,8 +935,8 @@ def test_hostile_header(name, data, fixed):
 
 
 @pytest.mark.parametrize("field,raw", [("magic", b"XMAPCHN\x01"), ("magic", b"FMAPCHN\x02"),
-                                       ("version", struct.pack("=I", 3)),
-                                       ("version", struct.pack("=I", 5))])
+                                       ("version", struct.pack("=I", 4)),
+                                       ("version", struct.pack("=I", 6))])
 def test_open_refuses_another_magic_or_version(name, field, raw):
     # The hostile-header test lets an open through when the ring it would
     # see is the same one; another magic or version never is.

@@ -75,7 +75,7 @@
 #endif
 
 #define CHAN_MAGIC "FMAPCHN\x01"
-#define CHAN_VERSION 4u            /* 4: slot metadata in an array of its own */
+#define CHAN_VERSION 5u            /* 4: slot metadata in an array of its own; 5: holes_passed */
 #define LINE 128                    /* two cache lines: the adjacent-line prefetcher pairs them */
 #define DEAD_CHECK_NS 10000000u     /* a blocked waiter looks for a dead claimer this often */
 #define YIELD_NS 2000u              /* a spinner yields the CPU this often */
@@ -123,6 +123,7 @@ struct fmap_chan {
     uint32_t closed __attribute__((aligned(LINE)));
     int32_t holes;          /* slots given back unsent (or withheld, or dropped)
                                that the tail has not passed: see skip_holes */
+    uint32_t holes_passed;  /* holes the tail has passed, ever: settle_holes' witness */
     uint64_t head __attribute__((aligned(LINE)));   /* producers' cursor */
     uint64_t tail __attribute__((aligned(LINE)));   /* consumers' cursor */
     struct {
@@ -370,6 +371,7 @@ static void pass_hole(fmap_chanmap *m, uint64_t cur)
     uint64_t to = CURSOR(C_POS(cur) + 1, m->part);
     name_behind(m, TAIL, cur);
     if (cas64(&m->h->tail, &cur, to)) {
+        __atomic_add_fetch(&m->h->holes_passed, 1, __ATOMIC_SEQ_CST);
         __atomic_sub_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
         moved(m, TAIL, to);
     }
@@ -1595,17 +1597,19 @@ void fmap_chan_copy_epoch(fmap_chanmap *m, uint64_t bytes, uint64_t ns)
    there is still between them at both looks).  A look walks the ring from
    the tail to the head and counts the holes the tail has not passed; a
    slot counts only if the tail, read after its word, is not past it (a
-   consumed slot reads as a hole too).  It is thrown away if the count
-   changed meanwhile.  A handle looks after HOLE_MISSES takes that found no
+   consumed slot reads as a hole too).  It is thrown away if the count or
+   the tally of holes passed changed meanwhile, and not made on a backlog
+   over HOLE_WALK_MAX slots or a lap.  A handle looks after HOLE_MISSES takes that found no
    hole behind them (real holes passed in between do not reset the tally),
    at most once per SETTLE_NS.
-   Wrong only when a live process sat between count and swap at both looks
-   (stopped there), or the count left the value read and came back before
-   the CAS: the count is then low, and may go below zero.  Then takes stop
+   Wrong only when a live process sat between count and swap, or between
+   a pass and its tally, at both looks (stopped there), or the count left
+   the value read and came back before the CAS: the count is then low, and may go below zero.  Then takes stop
    looking for holes behind them: len() counts a hole, and a closed channel
    drained but for holes reads as ended, only once a consumer comes to it
    (every take passes the holes it finds first).  Nothing is lost. */
 #define HOLE_MISSES 4096u
+#define HOLE_WALK_MAX 65536u        /* slots a look walks at most (about 0.1 ms) */
 
 static void settle_holes(fmap_chanmap *m)
 {
@@ -1616,13 +1620,14 @@ static void settle_holes(fmap_chanmap *m)
         return;             /* another thread of ours is at it */
     uint64_t now = fmap_clock_ns();
     if (now - m->holes_looked >= SETTLE_NS) {
-        m->holes_looked = now;
+        uint32_t passed = __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST);
         int32_t count = __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST);
         uint64_t tl = C_POS(load64(&h->tail)), hd = C_POS(load64(&h->head));
-        if (hd - tl > m->capacity)      /* a cursor moved meanwhile (or forged) */
-            hd = tl + m->capacity;
         int32_t there = 0;
-        for (uint64_t p = tl; p < hd && there < count; p += 64) {
+        /* Not on a long backlog (the walk's cost), nor past a lap (a slot
+           would be two positions): the excess waits for the ring to drain. */
+        int look = count > 0 && hd - tl <= m->capacity && hd - tl <= HOLE_WALK_MAX;
+        for (uint64_t p = tl; look && p < hd && there < count; p += 64) {
             uint64_t seen = 0, n = hd - p < 64 ? hd - p : 64;
             for (uint64_t k = 0; k < n; k++)
                 if (is_hole(load_word(m, p + k), p + k))
@@ -1634,8 +1639,12 @@ static void settle_holes(fmap_chanmap *m)
                 if ((seen >> k & 1) && p + k >= now_tl)
                     there++;
         }
+        /* Void if a hole was made or passed meanwhile (one passed under
+           the walk reads as consumed; with one made, the count may have
+           come back to the value read). */
         int32_t excess = count - there;
-        if (count <= 0 || excess <= 0 || __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count) {
+        if (!look || excess <= 0 || __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count ||
+            __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST) != passed) {
             m->holes_seen_at = 0;           /* none, or the count moved: no sighting */
         } else if (!m->holes_seen_at || now - m->holes_seen_at > SETTLE_MAX_NS ||
                    m->holes_seen != count) {
@@ -1648,6 +1657,7 @@ static void settle_holes(fmap_chanmap *m)
                                         __ATOMIC_SEQ_CST);
             m->holes_seen_at = 0;
         }
+        m->holes_looked = fmap_clock_ns();  /* from the walk's end */
     }
     __atomic_store_n(&m->settling, 0, __ATOMIC_RELEASE);
 }
@@ -1663,9 +1673,14 @@ static void skip_holes(fmap_chanmap *m)
         if (!is_hole(load_word(m, tl), tl)) {
             /* The count says there are holes, and takes keep finding none:
                it may count some that a killed process never made. */
-            if (tries == 0 &&
-                __atomic_add_fetch(&m->hole_misses, 1, __ATOMIC_RELAXED) >= HOLE_MISSES)
-                settle_holes(m);
+            if (tries == 0) {
+                /* A tally, not a count: increments lost to a race matter
+                   not, and a locked add would cost every take. */
+                uint32_t misses = __atomic_load_n(&m->hole_misses, __ATOMIC_RELAXED) + 1;
+                __atomic_store_n(&m->hole_misses, misses, __ATOMIC_RELAXED);
+                if (misses >= HOLE_MISSES)
+                    settle_holes(m);
+            }
             return;
         }
         pass_hole(m, cur);
