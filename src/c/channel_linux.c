@@ -75,7 +75,7 @@
 #endif
 
 #define CHAN_MAGIC "FMAPCHN\x01"
-#define CHAN_VERSION 5u            /* 4: slot metadata in an array of its own; 5: holes_passed */
+#define CHAN_VERSION 5u            /* 4: slot metadata in an array of its own; 5: hole tallies */
 #define LINE 128                    /* two cache lines: the adjacent-line prefetcher pairs them */
 #define DEAD_CHECK_NS 10000000u     /* a blocked waiter looks for a dead claimer this often */
 #define YIELD_NS 2000u              /* a spinner yields the CPU this often */
@@ -124,6 +124,7 @@ struct fmap_chan {
     int32_t holes;          /* slots given back unsent (or withheld, or dropped)
                                that the tail has not passed: see skip_holes */
     uint32_t holes_passed;  /* holes the tail has passed, ever: settle_holes' witness */
+    uint32_t holes_made;    /* make_hole calls finished (swapped or undone), ever: another */
     uint64_t head __attribute__((aligned(LINE)));   /* producers' cursor */
     uint64_t tail __attribute__((aligned(LINE)));   /* consumers' cursor */
     struct {
@@ -349,10 +350,11 @@ static void moved(fmap_chanmap *m, int side, uint64_t cur)
 static int make_hole(fmap_chanmap *m, uint64_t pos, uint64_t from, uint64_t to)
 {
     __atomic_add_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
-    if (cas_word(m, pos, &from, to))
-        return 1;
-    __atomic_sub_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
-    return 0;
+    int made = cas_word(m, pos, &from, to);
+    if (!made)
+        __atomic_sub_fetch(&m->h->holes, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&m->h->holes_made, 1, __ATOMIC_SEQ_CST);
+    return made;
 }
 
 /* Slot pos, whose word w names a claimer now dead, made FREE for the next
@@ -1597,14 +1599,15 @@ void fmap_chan_copy_epoch(fmap_chanmap *m, uint64_t bytes, uint64_t ns)
    there is still between them at both looks).  A look walks the ring from
    the tail to the head and counts the holes the tail has not passed; a
    slot counts only if the tail, read after its word, is not past it (a
-   consumed slot reads as a hole too).  It is thrown away if the count or
-   the tally of holes passed changed meanwhile, and not made on a backlog
-   over HOLE_WALK_MAX slots or a lap.  A handle looks after HOLE_MISSES takes that found no
+   consumed slot reads as a hole too).  It is thrown away if the count,
+   the tally of holes passed or that of make_hole calls finished changed
+   meanwhile, and not made on a backlog over HOLE_WALK_MAX slots or a lap.  A handle looks after HOLE_MISSES takes that found no
    hole behind them (real holes passed in between do not reset the tally),
    at most once per SETTLE_NS.
-   Wrong only when a live process sat between count and swap, or between
-   a pass and its tally, at both looks (stopped there), or the count left
-   the value read and came back before the CAS: the count is then low, and may go below zero.  Then takes stop
+   Wrong only when, at both looks, some process sat between a hole's count
+   and its swap, or between a pass and its tally, for the whole of the look
+   (stopped or preempted there; not necessarily the same one), or the count
+   left the value read and came back before the CAS: the count is then low, and may go below zero.  Then takes stop
    looking for holes behind them: len() counts a hole, and a closed channel
    drained but for holes reads as ended, only once a consumer comes to it
    (every take passes the holes it finds first).  Nothing is lost. */
@@ -1621,6 +1624,7 @@ static void settle_holes(fmap_chanmap *m)
     uint64_t now = fmap_clock_ns();
     if (now - m->holes_looked >= SETTLE_NS) {
         uint32_t passed = __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST);
+        uint32_t made = __atomic_load_n(&h->holes_made, __ATOMIC_SEQ_CST);
         int32_t count = __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST);
         uint64_t tl = C_POS(load64(&h->tail)), hd = C_POS(load64(&h->head));
         int32_t there = 0;
@@ -1640,11 +1644,14 @@ static void settle_holes(fmap_chanmap *m)
                     there++;
         }
         /* Void if a hole was made or passed meanwhile (one passed under
-           the walk reads as consumed; with one made, the count may have
-           come back to the value read). */
+           the walk reads as consumed; one counted before the look and
+           swapped under it, as not there yet).  The count itself is read
+           last, after the tallies: a pass tallies before its decrement. */
         int32_t excess = count - there;
-        if (!look || excess <= 0 || __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count ||
-            __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST) != passed) {
+        if (!look || excess <= 0 ||
+            __atomic_load_n(&h->holes_made, __ATOMIC_SEQ_CST) != made ||
+            __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST) != passed ||
+            __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count) {
             m->holes_seen_at = 0;           /* none, or the count moved: no sighting */
         } else if (!m->holes_seen_at || now - m->holes_seen_at > SETTLE_MAX_NS ||
                    m->holes_seen != count) {
