@@ -511,15 +511,15 @@ static void reap(fmap_chanmap *m, uint32_t i)
    when the total left the value read and came back to it before the CAS:
    the total is then low, and until the last sleeper of that side leaves
    (uncount stops at 0) a publish may skip a wake, which its sleeper makes
-   up by itself within DEAD_CHECK_NS.  The excess fields are this handle's,
+   up by itself within DEAD_CHECK_NS.  The sightings are this handle's,
    written under its reaping flag; settle_due reads them from any thread. */
 #define SETTLE_NS (2 * (uint64_t)DEAD_CHECK_NS)
 #define SETTLE_MAX_NS (20 * (uint64_t)DEAD_CHECK_NS)
 
 static int settle_due(fmap_chanmap *m)
 {
-    uint64_t at[2] = {__atomic_load_n(&m->excess_at[0], __ATOMIC_RELAXED),
-                      __atomic_load_n(&m->excess_at[1], __ATOMIC_RELAXED)};
+    uint64_t at[2] = {__atomic_load_n(&m->seen[0].at, __ATOMIC_RELAXED),
+                      __atomic_load_n(&m->seen[1].at, __ATOMIC_RELAXED)};
     if (!(at[0] | at[1]))
         return 0;
     uint64_t now = fmap_clock_ns();
@@ -529,10 +529,24 @@ static int settle_due(fmap_chanmap *m)
     return 0;
 }
 
-static void sighting(fmap_chanmap *m, int side, uint32_t excess, uint64_t at)
+/* One look's excess of a shared count over what is there (0: none, or a
+   void look), seen over `count`: a first sighting is kept; the same count
+   seen above again SETTLE_NS to SETTLE_MAX_NS later returns how much to
+   take off (the smaller of the two excesses) and clears the sighting; an
+   older sighting counts as none.  settle_totals and settle_holes. */
+static uint32_t sighted(fmap_sighting *s, uint32_t excess, uint32_t count, uint64_t now)
 {
-    m->excess[side] = excess;
-    __atomic_store_n(&m->excess_at[side], at, __ATOMIC_RELAXED);
+    uint64_t at = s->at;
+    if (excess && (!at || now - at > SETTLE_MAX_NS || s->count != count)) {
+        s->excess = excess;                 /* a first sighting */
+        s->count = count;
+        __atomic_store_n(&s->at, now, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (excess && now - at < SETTLE_NS)
+        return 0;
+    __atomic_store_n(&s->at, 0, __ATOMIC_RELAXED);
+    return excess < s->excess ? excess : s->excess;
 }
 
 static void settle_totals(fmap_chanmap *m, uint64_t now)
@@ -544,18 +558,11 @@ static void settle_totals(fmap_chanmap *m, uint64_t now)
         uint64_t counted = 0;
         for (uint32_t i = 0; i < FMAP_CHAN_PARTS && counted < t; i++)
             counted += __atomic_load_n(&h->parts[i].sleeping[side], __ATOMIC_SEQ_CST);
-        uint32_t excess = t > counted ? (uint32_t)(t - counted) : 0;
-        uint64_t seen = m->excess_at[side];
-        if (!excess) {
-            sighting(m, side, 0, 0);
-        } else if (!seen || now - seen > SETTLE_MAX_NS) {
-            sighting(m, side, excess, now);         /* a first sighting */
-        } else if (now - seen >= SETTLE_NS) {
-            uint32_t drop = excess < m->excess[side] ? excess : m->excess[side];
+        uint32_t drop = sighted(&m->seen[side], t > counted ? (uint32_t)(t - counted) : 0, 0,
+                                now);
+        if (drop)
             __atomic_compare_exchange_n(total, &t, t - drop, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST);
-            sighting(m, side, 0, 0);
-        }
     }
 }
 
@@ -719,11 +726,9 @@ static int map_all(int fd, const struct geometry *g, fmap_chanmap *m, fmap_err *
     m->spin_since = 0;
     m->wake_misses = 0;
     m->reaping = 0;
-    memset(m->excess, 0, sizeof m->excess);
-    memset(m->excess_at, 0, sizeof m->excess_at);
+    memset(m->seen, 0, sizeof m->seen);
     m->hole_misses = m->settling = 0;
-    m->holes_seen = m->holes_excess = 0;
-    m->holes_seen_at = m->holes_looked = 0;
+    m->holes_looked = 0;
     memset(&m->cp, 0, sizeof m->cp);
     return FMAP_OK;
 }
@@ -1593,25 +1598,25 @@ void fmap_chan_copy_epoch(fmap_chanmap *m, uint64_t bytes, uint64_t ns)
 }
 
 /* The holes count above the holes there are: taken off, as settle_totals
-   does for sleepers, when one handle sees the same excess over the same
-   count twice, SETTLE_NS to SETTLE_MAX_NS apart (a make_hole between its
-   count and its swap takes nanoseconds: only a process stopped or killed
-   there is still between them at both looks).  A look walks the ring from
-   the tail to the head and counts the holes the tail has not passed; a
-   slot counts only if the tail, read after its word, is not past it (a
-   consumed slot reads as a hole too).  It is thrown away if the count,
-   the tally of holes passed or that of make_hole calls finished changed
-   meanwhile, and not made on a backlog over HOLE_WALK_MAX slots or a lap.  A handle looks after HOLE_MISSES takes that found no
-   hole behind them (real holes passed in between do not reset the tally),
-   at most once per SETTLE_NS.
+   does for sleepers (sighted), when one handle sees it above by the same
+   count twice, SETTLE_NS to SETTLE_MAX_NS apart.  A look walks the ring
+   from the tail to the head and counts the holes the tail has not passed;
+   a slot counts only if the tail, read after its word, is not past it (a
+   consumed slot reads as a hole too).  It is void if the count, the tally
+   of holes passed or that of make_hole calls finished changed meanwhile,
+   and not made on a backlog over HOLE_WALK_MAX slots or a lap.  A handle
+   looks after HOLE_MISSES takes that found no hole behind them (real holes
+   passed in between do not reset the tally), at most once per SETTLE_NS.
    Wrong only when, at both looks, some process sat between a hole's count
    and its swap, or between a pass and its tally, for the whole of the look
    (stopped or preempted there; not necessarily the same one), or the count
-   left the value read and came back before the CAS: the count is then low, and may go below zero.  Then takes stop
-   looking for holes behind them: len() counts a hole, and a closed channel
-   drained but for holes reads as ended, only once a consumer comes to it
-   (every take passes the holes it finds first).  Nothing is lost. */
+   left the value read and came back before the CAS: the count is then
+   low, and may go below zero.  Then takes stop looking for holes behind
+   them: len() counts a hole, and a closed channel drained but for holes
+   reads as ended, only once a consumer comes to it (every take passes the
+   holes it finds first).  Nothing is lost. */
 #define HOLE_MISSES 4096u
+#define HOLES 2                     /* seen[]: after the two sides' sleeper totals */
 #define HOLE_WALK_MAX 65536u        /* slots a look walks at most (about 0.1 ms) */
 
 static void settle_holes(fmap_chanmap *m)
@@ -1647,23 +1652,15 @@ static void settle_holes(fmap_chanmap *m)
            the walk reads as consumed; one counted before the look and
            swapped under it, as not there yet).  The count itself is read
            last, after the tallies: a pass tallies before its decrement. */
-        int32_t excess = count - there;
-        if (!look || excess <= 0 ||
-            __atomic_load_n(&h->holes_made, __ATOMIC_SEQ_CST) != made ||
-            __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST) != passed ||
-            __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) != count) {
-            m->holes_seen_at = 0;           /* none, or the count moved: no sighting */
-        } else if (!m->holes_seen_at || now - m->holes_seen_at > SETTLE_MAX_NS ||
-                   m->holes_seen != count) {
-            m->holes_seen = count;          /* a first sighting */
-            m->holes_excess = excess;
-            m->holes_seen_at = now;
-        } else if (now - m->holes_seen_at >= SETTLE_NS) {
-            int32_t drop = excess < m->holes_excess ? excess : m->holes_excess;
+        int valid = look && count > there &&
+                    __atomic_load_n(&h->holes_made, __ATOMIC_SEQ_CST) == made &&
+                    __atomic_load_n(&h->holes_passed, __ATOMIC_SEQ_CST) == passed &&
+                    __atomic_load_n(&h->holes, __ATOMIC_SEQ_CST) == count;
+        int32_t drop = (int32_t)sighted(&m->seen[HOLES], valid ? (uint32_t)(count - there) : 0,
+                                        (uint32_t)count, now);
+        if (drop)
             __atomic_compare_exchange_n(&h->holes, &count, count - drop, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST);
-            m->holes_seen_at = 0;
-        }
         m->holes_looked = fmap_clock_ns();  /* from the walk's end */
     }
     __atomic_store_n(&m->settling, 0, __ATOMIC_RELEASE);

@@ -311,6 +311,13 @@ typedef struct {
     uint64_t msg_size;      /* largest message, bytes */
 } fmap_chanspec;
 
+/* A shared count seen above what is there (channel_linux.c: sighted). */
+typedef struct {
+    uint32_t excess;        /* by how much */
+    uint32_t count;         /* over which value of the count (0 where any will do) */
+    uint64_t at;            /* when, 0 for none */
+} fmap_sighting;
+
 /* One process's view of a channel; lives in the core's ChanMap object. */
 typedef struct {
     fmap_chan *h;           /* owned: the whole object, mapped */
@@ -326,15 +333,11 @@ typedef struct {
     uint32_t wake_misses;   /* wakes in a row that found nobody asleep */
     uint32_t reaping;       /* the pid whose reap_sleepers call is running, or 0 (a
                                forked child's copy names the parent: not the child's) */
-    uint32_t excess[2];     /* per side: sleepers the total counted beyond the records
-                               at this handle's first sighting (settle_totals) */
-    uint64_t excess_at[2];  /* per side: when that sighting was, 0 for none */
+    fmap_sighting seen[3];  /* this handle's first sightings of a shared count above
+                               what is there: the sleeper totals of each side
+                               (settle_totals), then the holes count (settle_holes) */
     uint32_t hole_misses;   /* looks for holes after a take that found none (settle_holes) */
     uint32_t settling;      /* the pid whose settle_holes call is running, or 0 (as reaping) */
-    int32_t holes_seen;     /* the holes count at this handle's first sighting of an
-                               excess over the holes in the ring (settle_holes) */
-    int32_t holes_excess;   /* that excess */
-    uint64_t holes_seen_at; /* when that sighting was, 0 for none */
     uint64_t holes_looked;  /* when this handle last looked (one look per SETTLE_NS) */
     uint64_t stuck[2];      /* per side (producers, consumers): since when this handle's
                                claims have found nothing, across calls; 0 after one succeeds */

@@ -462,15 +462,13 @@ static int slot_pick(struct sync_page *s)
     return best;
 }
 
-/* Signal an auto-reset event's word; 1 when it was not signalled before. */
-static int signal_word(struct sync_page *s)
+/* An auto-reset event's word newly signalled: one sleeper on the word (a
+   waiter without a slot), and wait_any's, hear of it. */
+static void signalled(struct sync_page *s)
 {
-    if (__atomic_fetch_or(&s->st.word, EV_SET, __ATOMIC_SEQ_CST) & EV_SET)
-        return 0;
     if (load(&s->st.waiters))
         futex_wake(&s->st.word, 1);
     seq_signal(s);
-    return 1;
 }
 
 /* EV_PEND without EV_SET: a set() in flight across a reset(), which may
@@ -535,9 +533,7 @@ static void release_one(struct sync_page *s)
             if (slot_pick(s) < 0) {
                 if (ours) {
                     __atomic_fetch_and(&s->st.word, ~EV_PEND, __ATOMIC_SEQ_CST);
-                    if (load(&s->st.waiters))
-                        futex_wake(&s->st.word, 1);
-                    seq_signal(s);
+                    signalled(s);
                 }
                 return;
             }
@@ -568,7 +564,8 @@ static void release_one(struct sync_page *s)
     }
     /* Slots changing faster than we could pick: signal the word, and wake
        every waiting slot to read it. */
-    signal_word(s);
+    if (!(__atomic_fetch_or(&s->st.word, EV_SET, __ATOMIC_SEQ_CST) & EV_SET))
+        signalled(s);
     used_iter u = used_now(s);
     for (int i; (i = used_next(&u)) >= 0;)
         if (load(&s->slot[i].state) == SLOT_WAITING)
