@@ -40,17 +40,19 @@ def in_other_thread(fn):
 
 
 class Owner:
-    """A thread that owns mutex m until release() (then it ends)."""
+    """A thread that owns mutex m until release() or abandon() (then it ends)."""
 
     def __init__(self, m):
         self.go = threading.Event()
+        self.keep = False
         got = threading.Event()
 
         def run():
             m.acquire()
             got.set()
             self.go.wait(CHILD_TIMEOUT)
-            m.release()
+            if not self.keep:
+                m.release()
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         assert got.wait(10)
@@ -58,6 +60,10 @@ class Owner:
     def release(self):
         self.go.set()       # the owner thread releases at once, this one returns
         self.thread.join(10)
+
+    def abandon(self):
+        self.keep = True    # the owner thread ends holding the mutex
+        self.release()
 
 
 class Waiter:
@@ -266,6 +272,59 @@ def test_wait_any_orders_what_comes_between_its_slices(name, children, event_and
                                      hold=0.1)
     assert w.done() and w.result == 1
     assert s.count == 1 and not a.is_set()
+
+
+def signalled_object(kind, event):
+    """(an object of kind, signalled; whether it still is)."""
+    if kind == "semaphore":
+        s = fmap.Semaphore.create(None, 1, 1)
+        return s, lambda: s.count == 1
+    e = event(manual_reset=kind == "manual event")
+    e.set()
+    return e, e.is_set
+
+
+@pytest.mark.parametrize("timeout", [0, CHILD_TIMEOUT, None])
+@pytest.mark.parametrize("kind", ["semaphore", "auto event", "manual event"])
+def test_wait_any_takes_an_abandoned_mutex_before_a_later_object(event, kind, timeout):
+    # WaitForMultipleObjects returns the lowest index signalled, and a mutex
+    # is signalled (abandoned) from its owner's death on.  Nothing in a
+    # mutex's word says so: a wait_any with a timeout once took the later
+    # object, every time, and never reported the abandonment while that one
+    # kept being signalled.
+    m = fmap.Mutex.create(None)
+    later, still_signalled = signalled_object(kind, event)
+    try:
+        Owner(m).abandon()
+        assert fmap.wait_any([m, later], timeout=timeout) == 0
+        assert m.owned and m.abandoned
+        assert still_signalled()
+        m.release()
+    finally:
+        m.close()
+        if kind == "semaphore":
+            later.close()
+
+
+def test_wait_any_asleep_takes_a_mutex_abandoned_before_the_set(event):
+    # The owner dies while the wait sleeps (nothing wakes it: a death is
+    # asked after), then an auto-reset event at a later index is set.  On
+    # Windows the mutex was signalled first; the set's release is passed on.
+    m = fmap.Mutex.create(None)
+    a = event()
+    try:
+        for _ in range(3):
+            owner = Owner(m)
+            w = Waiter(lambda: fmap.wait_any([m, a], timeout=CHILD_TIMEOUT))
+            owner.abandon()
+            a.set()
+            assert w.done() and w.result == 0
+            assert a.is_set() and a.wait(0)
+            assert in_other_thread(lambda: m.owned) is False
+            m.acquire(timeout=0)            # ours now: the waiter thread is gone too
+            m.release()
+    finally:
+        m.close()
 
 
 def test_two_wait_any_waiters_and_two_sets(event):

@@ -100,6 +100,45 @@ def test_sigkill_owner_nobody_waiting_then_wait_any(name, children):
         e.close()
 
 
+def zombie(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("wait", ["acquire", "wait_any"])
+def test_an_owner_asked_after_often_is_found_dead_unreaped(name, children, wait):
+    # A live owner asked after again and again (tries; a wait_any whose later
+    # object is signalled every time) is taken to be alive on kill()'s word
+    # for a while after /proc last said so: /proc alone tells that a killed
+    # process's main thread, still a zombie, is dead.  Its death must still
+    # be found, within that while, with nobody reaping it.
+    m = fmap.Mutex.create(name)
+    s = fmap.Semaphore.create(None, 0, 1)
+    try:
+        owner = spawn_owner(children, name)
+
+        def attempt():
+            if wait == "acquire":
+                return m.acquire(timeout=0)
+            s.release()
+            i = fmap.wait_any([m, s], timeout=CHILD_TIMEOUT)
+            assert i == 0 or s.count == 0
+            return i == 0
+
+        for _ in range(200):
+            assert not attempt()
+        owner.proc.send_signal(signal.SIGKILL)
+        assert poll(lambda: zombie(owner.pid))
+        t0 = time.monotonic()
+        while not attempt():
+            assert time.monotonic() - t0 < 2.0, "a dead owner still taken to be alive"
+        assert m.abandoned and m.owned
+        m.release()
+    finally:
+        s.close()
+        m.close()
+
+
 @pytest.mark.parametrize("wait", ["acquire", "wait_any"])
 def test_an_owner_killed_during_a_signal_storm_is_noticed(name, children, wait):
     # Nothing wakes a mutex's waiters when its owner dies: they ask.  An

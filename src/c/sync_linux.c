@@ -779,6 +779,24 @@ int fmap_sync_trywait(fmap_sync *h, fmap_waiter *w, int ask, int *depth, int *ab
     return take(h, w, &seen) ? FMAP_OK : FMAP_WAIT_TIMEOUT;
 }
 
+/* Whether to ask after the owner of v[i], a mutex, before trying it when
+   the caller did not say to: a mutex whose owner is gone is signalled
+   (abandoned) from that death on, as Windows has it, though nothing in its
+   word says so.  Asked (a few µs) only when the answer decides the wait:
+   an object after it looks signalled, or a release is in hand (`taking`),
+   so that the abandoned mutex, not that object, is what the wait returns. */
+static int ask_first(fmap_sync *const *v, const fmap_waiter *w, int i, int n, int taking)
+{
+    if (v[i]->type != FMAP_T_MUTEX || looks_free(v[i], &w[i]))
+        return 0;
+    if (taking)
+        return 1;
+    for (int j = i + 1; j < n; j++)
+        if (looks_free(v[j], &w[j]))
+            return 1;
+    return 0;
+}
+
 int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *index,
                       int *depth, int *abandoned, fmap_err *e)
 {
@@ -806,7 +824,8 @@ int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *
         for (int i = 0; i < n && rc == FMAP_WAIT_TIMEOUT; i++) {
             if (w[i].slot >= 0 || (int64_t)(load64(&v[i]->p->ev.signal_at) - first_at) > 0)
                 continue;
-            rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
+            rc = fmap_sync_trywait(v[i], &w[i], ask || ask_first(v, w, i, n, 1), depth,
+                                   abandoned, e);
             *index = i;
         }
         if (rc == FMAP_WAIT_TIMEOUT && slot_leave(v[first]->p, &w[first], 1)) {
@@ -816,7 +835,8 @@ int fmap_sync_try_any(fmap_sync *const *v, fmap_waiter *w, int n, int ask, int *
         }
     }
     for (int i = 0; i < n && rc == FMAP_WAIT_TIMEOUT; i++) {
-        rc = fmap_sync_trywait(v[i], &w[i], ask, depth, abandoned, e);
+        rc = fmap_sync_trywait(v[i], &w[i], ask || ask_first(v, w, i, n, 0), depth,
+                               abandoned, e);
         *index = i;
     }
     if (rc != FMAP_OK)

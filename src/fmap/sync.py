@@ -142,7 +142,8 @@ def wait_any(objects: Iterable[_fmap.SyncHandle], timeout: float | None = None, 
 
     The object is acquired as a wait on it alone would: a mutex is owned
     (check its `abandoned`), a semaphore unit taken, an auto-reset event
-    reset.  When several are signalled, the lowest index wins.  objects: 1
+    reset.  When several are signalled, the lowest index wins; a mutex
+    whose owner died counts as signalled (abandoned).  objects: 1
     to MAXIMUM_WAIT_OBJECTS (64) Mutex, Semaphore or Event handles.
     timeout: seconds, None = forever, 0 = test.  spin: as for acquire().
     """
