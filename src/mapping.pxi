@@ -280,17 +280,24 @@ cdef class Mapping(Handle):
 
         access: "r", "rw" or "c" (copy-on-write, private to the view); None =
         the handle's access.  offset: a multiple of ALLOCATION_GRANULARITY.
-        length: bytes, 0 = to the end.  address: map exactly there (a multiple
-        of ALLOCATION_GRANULARITY) or fail if the range is in use.
+        length: bytes, 0 = to the end (a paging-file mapping's views may reach
+        the end of its last page, as a Windows section's).  address: map
+        exactly there (a multiple of ALLOCATION_GRANULARITY) or fail if the
+        range is in use.
         """
         cdef fmap_err e
         cdef void *p = NULL
         cdef void *fixed = NULL
         cdef uint32_t acc
-        cdef uint64_t off, ln, size
+        cdef uint64_t off, ln, size, end
         cdef int rc
         check_open(self)
         size = self.size
+        # Windows rounds a paging-file section up to whole pages, and a view
+        # may reach the end of its last page (Wine's virtual.c: 0x3452 bytes
+        # make a 0x4000 section); a file's ends where the file's bytes do.
+        # The page's tail is shared like the rest (the memfd has that page).
+        end = size if self.flags & FMAP_F_FILE else (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
         if access is None:
             acc = self.access_
         else:
@@ -318,10 +325,11 @@ cdef class Mapping(Handle):
                                  f"cannot map at offset {off}: mapping {describe(self.name)} "
                                  f"has {size} bytes")
             ln = size - off
-        elif off > size or ln > size - off:
+        elif off > size or ln > end - off:
             raise make_error(ValueError, ERROR_ACCESS_DENIED,
                              f"cannot map {ln} bytes at offset {off}: mapping "
-                             f"{describe(self.name)} has {size} bytes")
+                             f"{describe(self.name)} has {size} bytes"
+                             + (f" ({end} with the rest of its last page)" if end != size else ""))
         if address is not None:
             try:
                 fixed = <void *><uintptr_t>_operator.index(address)

@@ -357,7 +357,8 @@ def test_offset_and_length(closer):
 
 
 @pytest.mark.parametrize("offset, length", [
-    (0, 2 * G + 101), (G, G + 101), (2 * G, 101), (2 * G, 1 << 40), (3 * G, 0), (3 * G, 1),
+    (0, 2 * G + fmap.PAGE_SIZE + 1), (G, G + fmap.PAGE_SIZE + 1), (2 * G, fmap.PAGE_SIZE + 1),
+    (2 * G, 1 << 40), (3 * G, 0), (3 * G, 1),
     (1 << 62, 0), (1 << 62, 1 << 62), (0, (1 << 64) - 1),
 ])
 def test_view_past_the_end(offset, length, closer):
@@ -365,6 +366,22 @@ def test_view_past_the_end(offset, length, closer):
     with raises(ValueError) as info:
         m.map(offset=offset, length=length)
     assert f"has {2 * G + 100} bytes" in str(info.value)
+
+
+def test_a_view_may_reach_the_end_of_the_last_page(closer, tmp_path):
+    # As a Windows paging-file section: whole pages, though m.size stays exact.
+    m = closer(fmap.create(size=2 * G + 100))
+    with m.map(offset=2 * G, length=fmap.PAGE_SIZE) as v, m.map(offset=2 * G) as whole:
+        assert len(whole) == 100 and m.size == 2 * G + 100
+        v[fmap.PAGE_SIZE - 1] = 5
+        with m.map("r", 0, 2 * G + fmap.PAGE_SIZE) as r:
+            assert r[2 * G + 100] == 0 and r[-1] == 5     # the same page, shared
+    # A file's mapping ends with its bytes.
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 100)
+    f = closer(fmap.create(file=str(path)))
+    with raises(ValueError, match="has 100 bytes$"):
+        f.map(length=101)
 
 
 def test_past_the_end_message(name, closer):

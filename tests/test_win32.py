@@ -61,10 +61,78 @@ def test_view_alignment_and_bounds(name, close_all):
     v = w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0x3452)      # exact size maps
     assert v is not None and len(v) == 0x3452
     assert w.UnmapViewOfFile(v)
-    assert w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0x3453) is None
+    # A paging-file section is whole pages (virtual.c: 0x3452 bytes make a
+    # 0x4000 section), and a view may reach the end of the last one.
+    end = -(-0x3452 // w.GetSystemInfo().dwPageSize) * w.GetSystemInfo().dwPageSize
+    v = w.MapViewOfFile(h, w.FILE_MAP_WRITE, 0, 0, end)
+    assert v is not None and len(v) == end
+    v[end - 1] = 0x77
+    h2 = w.OpenFileMapping(w.FILE_MAP_READ, False, name)
+    close_all.append(h2)
+    r = w.MapViewOfFile(h2, w.FILE_MAP_READ, 0, 0, end)
+    assert r[end - 1] == 0x77                                   # shared like the rest
+    assert w.UnmapViewOfFile(v) and w.UnmapViewOfFile(r)
+    assert w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, end + 1) is None
     assert w.GetLastError() == w.ERROR_ACCESS_DENIED            # STATUS_INVALID_VIEW_SIZE
     assert w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 1, 0) is None
     assert w.GetLastError() == w.ERROR_MAPPED_ALIGNMENT
+
+
+def test_a_file_sections_views_end_with_its_bytes(tmp_path, close_all):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\1" * 0x3452)
+    h = w.CreateFileMapping(str(path), None, w.PAGE_READONLY, 0, 0, None)
+    close_all.append(h)
+    v = w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0x3452)
+    assert v is not None and len(v) == 0x3452
+    assert w.UnmapViewOfFile(v)
+    assert w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0x3453) is None
+    assert w.GetLastError() == w.ERROR_ACCESS_DENIED            # STATUS_INVALID_VIEW_SIZE
+
+
+@pytest.mark.parametrize("protect,access", [(w.PAGE_EXECUTE_READ, "r"),
+                                            (w.PAGE_EXECUTE_READWRITE, "rw"),
+                                            (w.PAGE_EXECUTE_WRITECOPY, "c")])
+def test_execute_protections_allow_their_plain_views(name, close_all, protect, access):
+    # virtual.c, test_CreateFileMapping_protection: these are accepted; the
+    # views they allow are executable only with FILE_MAP_EXECUTE, refused here.
+    h = w.CreateFileMapping(PAGING, None, protect, 0, 4096, name)
+    assert h is not None, w.GetLastError()
+    close_all.append(h)
+    assert h.access == access
+    v = w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0)
+    assert v is not None and w.UnmapViewOfFile(v)
+    assert w.MapViewOfFile(h, w.FILE_MAP_READ | w.FILE_MAP_EXECUTE, 0, 0, 0) is None
+    assert w.GetLastError() == w.ERROR_INVALID_PARAMETER
+
+
+@pytest.mark.parametrize("flags,ok", [
+    (0, True), (w.SEC_COMMIT, True), (w.SEC_RESERVE, True),
+    (w.SEC_COMMIT | w.SEC_NOCACHE, True), (w.SEC_RESERVE | w.SEC_WRITECOMBINE, True),
+    (w.SEC_RESERVE | w.SEC_COMMIT, False), (w.SEC_NOCACHE, False), (w.SEC_WRITECOMBINE, False),
+    (w.SEC_LARGE_PAGES, False), (w.SEC_RESERVE | w.SEC_LARGE_PAGES, False),
+    (w.SEC_COMMIT | w.SEC_NOCACHE | w.SEC_WRITECOMBINE, False)])
+def test_section_flags(name, close_all, flags, ok):
+    # virtual.c, test_CreateFileMapping's sec_flag_tests (anonymous mappings)
+    h = w.CreateFileMapping(PAGING, None, w.PAGE_READWRITE | flags, 0, 4096, name)
+    close_all.append(h)
+    assert (h is not None) == ok
+    assert w.GetLastError() == (0 if ok else w.ERROR_INVALID_PARAMETER)
+
+
+def test_a_view_is_copy_on_write_for_file_map_copy_alone(name, close_all):
+    # kernelbase's MapViewOfFileEx: PAGE_WRITECOPY only when the access is
+    # FILE_MAP_COPY itself; with FILE_MAP_READ beside it, a read-only view.
+    h = w.CreateFileMapping(PAGING, None, w.PAGE_READWRITE, 0, 4096, name)
+    close_all.append(h)
+    c = w.MapViewOfFile(h, w.FILE_MAP_COPY, 0, 0, 0)
+    r = w.MapViewOfFile(h, w.FILE_MAP_READ | w.FILE_MAP_COPY, 0, 0, 0)
+    rw = w.MapViewOfFile(h, w.FILE_MAP_ALL_ACCESS, 0, 0, 0)
+    assert (c.access, r.access, rw.access) == ("c", "r", "rw")
+    assert w.MapViewOfFile(h, 0, 0, 0, 0) is None               # no access: refused
+    assert w.GetLastError() == w.ERROR_INVALID_PARAMETER
+    for v in (c, r, rw):
+        w.UnmapViewOfFile(v)
 
 
 @pytest.mark.parametrize("protect,writable", [(w.PAGE_READONLY, False), (w.PAGE_WRITECOPY, False),
@@ -122,6 +190,16 @@ def test_unmap_interior_address_and_bad_address(name, close_all):
     assert v.closed
     assert not w.UnmapViewOfFile(base)
     assert w.GetLastError() == w.ERROR_INVALID_ADDRESS
+    # NULL (what a failed MapViewOfFile returns), with a view open or not
+    v2 = w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 0, 0)
+    for call in (lambda: w.UnmapViewOfFile(w.NULL), lambda: w.FlushViewOfFile(w.NULL, 0),
+                 lambda: w.UnmapViewOfFile(w.MapViewOfFile(h, w.FILE_MAP_READ, 0, 1, 0))):
+        assert call() is False
+        assert w.GetLastError() == w.ERROR_INVALID_ADDRESS
+    assert not w.FlushFileBuffers(w.NULL) and w.GetLastError() == w.ERROR_INVALID_HANDLE
+    with pytest.raises(TypeError, match="lpBaseAddress"):
+        w.UnmapViewOfFile("0x1000")
+    assert w.UnmapViewOfFile(v2)
 
 
 def test_map_view_ex_address_conflict(name, close_all):

@@ -54,7 +54,11 @@ ERROR_INVALID_ADDRESS = 487
 ERROR_FILE_INVALID = 1006
 ERROR_MAPPED_ALIGNMENT = 1132
 
-_PROTECT = {PAGE_READONLY: "r", PAGE_READWRITE: "rw", PAGE_WRITECOPY: "c"}
+# A mapping's protection bounds the views it allows; a view is executable only
+# when it asks for FILE_MAP_EXECUTE, which fmap refuses, so the PAGE_EXECUTE_*
+# protections allow what their plain forms do.
+_PROTECT = {PAGE_READONLY: "r", PAGE_READWRITE: "rw", PAGE_WRITECOPY: "c",
+            PAGE_EXECUTE_READ: "r", PAGE_EXECUTE_READWRITE: "rw", PAGE_EXECUTE_WRITECOPY: "c"}
 _SEC_FLAGS = SEC_COMMIT | SEC_RESERVE | SEC_NOCACHE | SEC_WRITECOMBINE
 
 _tls = threading.local()
@@ -98,15 +102,29 @@ def _done(fn: Callable[[], object]) -> bool:
 
 
 def _map_access(desired: int) -> Optional[str]:
+    """A view's access as MapViewOfFile reads dwDesiredAccess: copy-on-write only
+    for FILE_MAP_COPY alone (FILE_MAP_READ | FILE_MAP_COPY is a read-only view);
+    None for what fmap refuses (an executable view, one with no access)."""
     if desired & FILE_MAP_EXECUTE:
         return None
-    if desired & FILE_MAP_COPY and not desired & FILE_MAP_WRITE:
+    if desired == FILE_MAP_COPY:
         return "c"
     if desired & FILE_MAP_WRITE:
         return "rw"
     if desired & FILE_MAP_READ:
         return "r"
     return None
+
+
+def _sec_flags_ok(flags: int) -> bool:
+    """SEC_* flags as CreateFileMapping takes them: at most one of SEC_COMMIT
+    and SEC_RESERVE, and SEC_NOCACHE or SEC_WRITECOMBINE only beside one of
+    them (Wine's kernel32/tests/virtual.c, test_CreateFileMapping)."""
+    base = flags & (SEC_COMMIT | SEC_RESERVE)
+    extra = flags & (SEC_NOCACHE | SEC_WRITECOMBINE)
+    if base == SEC_COMMIT | SEC_RESERVE or extra == SEC_NOCACHE | SEC_WRITECOMBINE:
+        return False
+    return not extra or bool(base)
 
 
 def CreateFileMapping(hFile: Any, lpFileMappingAttributes: Any, flProtect: int,
@@ -116,7 +134,7 @@ def CreateFileMapping(hFile: Any, lpFileMappingAttributes: Any, flProtect: int,
     a file object or an fd.  GetLastError() is ERROR_ALREADY_EXISTS when the
     name existed."""
     protect = _PROTECT.get(flProtect & ~_SEC_FLAGS)
-    if protect is None:
+    if protect is None or not _sec_flags_ok(flProtect & _SEC_FLAGS):
         SetLastError(ERROR_INVALID_PARAMETER)
         return None
     size = (int(dwMaximumSizeHigh) << 32) | int(dwMaximumSizeLow)
@@ -180,10 +198,16 @@ def MapViewOfFile(hFileMappingObject: _fmap.Mapping, dwDesiredAccess: int,
                            dwFileOffsetLow, dwNumberOfBytesToMap, None)
 
 
-def _view_at(lpBaseAddress: Union[_fmap.View, int]) -> Optional[_fmap.View]:
-    """The open view containing lpBaseAddress (or lpBaseAddress itself, a View)."""
+def _view_at(lpBaseAddress: Union[_fmap.View, int, None]) -> Optional[_fmap.View]:
+    """The open view containing lpBaseAddress (or lpBaseAddress itself, a View);
+    None for NULL or an address in no view."""
     if isinstance(lpBaseAddress, _fmap.View):
         return None if lpBaseAddress.closed else lpBaseAddress
+    if lpBaseAddress is None:
+        return None
+    if not isinstance(lpBaseAddress, int):
+        raise TypeError(f"lpBaseAddress must be a View, an address (int) or NULL, "
+                        f"not {type(lpBaseAddress).__name__}")
     with _lock:
         v = _views.get(lpBaseAddress)
         if v is None:
@@ -191,7 +215,7 @@ def _view_at(lpBaseAddress: Union[_fmap.View, int]) -> Optional[_fmap.View]:
     return v
 
 
-def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
+def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int, None]) -> bool:
     """Unmap the view at lpBaseAddress (a View, or any address inside it: Windows
     unmaps the whole view for an interior address, Wine kernel32/tests/virtual.c)."""
     v = _view_at(lpBaseAddress)
@@ -206,18 +230,19 @@ def UnmapViewOfFile(lpBaseAddress: Union[_fmap.View, int]) -> bool:
     return True
 
 
-def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int], dwNumberOfBytesToFlush: int) -> bool:
+def FlushViewOfFile(lpBaseAddress: Union[_fmap.View, int, None],
+                    dwNumberOfBytesToFlush: int) -> bool:
     """Flush from lpBaseAddress (anywhere in a view) for that many bytes (0 = to the end)."""
     v = _view_at(lpBaseAddress)
     if v is None:
         SetLastError(ERROR_INVALID_ADDRESS)
         return False
-    start = 0 if isinstance(lpBaseAddress, _fmap.View) else lpBaseAddress - v.address
+    start = lpBaseAddress - v.address if isinstance(lpBaseAddress, int) else 0
     n = min(int(dwNumberOfBytesToFlush), len(v) - start) if dwNumberOfBytesToFlush else 0
     return _done(lambda: v.flush(start, n))
 
 
-def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int]) -> bool:
+def FlushFileBuffers(lpBaseAddress: Union[_fmap.View, int, None]) -> bool:
     """fmap's nearest: flush the whole view and wait for the device."""
     v = _view_at(lpBaseAddress)
     if v is None:
