@@ -63,7 +63,11 @@ class Owner:
 
     def abandon(self):
         self.keep = True    # the owner thread ends holding the mutex
+        tid = self.thread.native_id
         self.release()
+        # join() returns once the thread's Python part is done; the kernel's
+        # thread exits a little later, and a mutex's owner is gone from then.
+        assert poll(lambda: not os.path.exists(f"/proc/self/task/{tid}"))
 
 
 class Waiter:
