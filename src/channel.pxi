@@ -190,7 +190,10 @@ cdef class Message:
             self._give_back()
 
     cdef object _lend(self):
-        # The base for a NumPy array over the message: see _Lent.
+        # The base for a NumPy array over the message: see _Lent.  Checked
+        # here, last: converting the caller's dtype and shape runs Python
+        # code, which may have ended the message.
+        self._check()
         cdef _Lent lent = _Lent.__new__(_Lent)
         lent.msg = self
         self.exports += 1

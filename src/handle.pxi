@@ -1,6 +1,7 @@
 # Handles: what every named kernel object of fmap shares (mappings now,
 # mutexes, semaphores, events and channels later): the fd, the holder record in
 # the registry, closing, and following fork().
+import gc as _gc
 import os as _os
 import warnings as _warnings
 
@@ -220,7 +221,17 @@ def registry_list():
     """[(key, type, size, holders)] of every live name, dead holders pruned first."""
     cdef fmap_err e
     cdef list out = []
+    cdef int rc
     cdef fmap_reg *r = get_registry("reading the registry")
-    if fmap_reg_list(r, _visit, <void *>out, &e) != FMAP_OK:
+    # _visit runs with the registry locked; a garbage collection there could
+    # finalize an unclosed handle, whose close takes that lock again.
+    collecting = _gc.isenabled()
+    _gc.disable()
+    try:
+        rc = fmap_reg_list(r, _visit, <void *>out, &e)
+    finally:
+        if collecting:
+            _gc.enable()
+    if rc != FMAP_OK:
         raise_err(&e, "reading the registry")
     return out

@@ -290,7 +290,7 @@ cdef class Mapping(Handle):
         cdef void *fixed = NULL
         cdef uint32_t acc
         cdef uint64_t off, ln, size, end
-        cdef int rc
+        cdef int rc, fd
         check_open(self)
         size = self.size
         # Windows rounds a paging-file section up to whole pages, and a view
@@ -340,8 +340,16 @@ cdef class Mapping(Handle):
                 raise make_error(ValueError, ERROR_MAPPED_ALIGNMENT,
                                  f"cannot map at address {address:#x}: addresses are non-zero "
                                  f"multiples of ALLOCATION_GRANULARITY ({ALLOCATION_GRANULARITY})")
+        # Our own copy of the fd for the GIL-free map: a close() in another
+        # thread meanwhile (or an __index__ above) frees self.fd's number,
+        # which the next open anywhere may take, and the view would then be
+        # of that file.
+        check_open(self)
+        if fmap_dup(self.fd, &fd, &e) != FMAP_OK:
+            raise_err(&e, f"cannot map mapping {describe(self.name)}")
         with nogil:
-            rc = fmap_view_map(self.fd, off, ln, acc, self.populate, fixed, &p, &e)
+            rc = fmap_view_map(fd, off, ln, acc, self.populate, fixed, &p, &e)
+            fmap_close_fd(fd)
         if rc != FMAP_OK:
             where = f" at address {address:#x}" if address is not None else ""
             raise_err(&e, f"cannot map {ln} bytes of mapping {describe(self.name)} "

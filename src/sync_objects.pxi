@@ -166,8 +166,12 @@ cdef object _ONE = 1
 
 
 cdef uint32_t parse_release_count(object count) except 0:
-    if isinstance(count, bool) or not isinstance(count, int):
+    if isinstance(count, bool):
         raise TypeError(f"count must be an int, not {type(count).__name__}")
+    try:
+        count = _operator.index(count)     # NumPy ints too, as create() takes them
+    except TypeError:
+        raise TypeError(f"count must be an int, not {type(count).__name__}") from None
     if count < 1:
         raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                          f"count must be at least 1, not {count}")

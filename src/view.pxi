@@ -58,6 +58,25 @@ cdef tuple slice_indices(slice key, size_t length):
     return start, stop, max(-_sys.maxsize, min(step, _sys.maxsize))
 
 
+cdef class _Placeholder:
+    """The zero-filled range a closed view leaves where something may still
+    point (see View.close), unmapped when the last holder lets it go: the
+    View, and every memoryview of an asarray() array that outlived it."""
+    cdef char *addr
+    cdef size_t length
+
+    def __dealloc__(self):
+        cdef fmap_err e
+        if self.addr != NULL:
+            fmap_view_unmap(self.addr, self.length, &e)
+            self.addr = NULL
+
+
+# What weakref.finalize calls when a memoryview holding a placeholder dies:
+# nothing; letting go of its argument is the point.
+cdef object _keep = lambda placeholder: None
+
+
 cdef class View:
     """A view of a Mapping: the buffer protocol (zero copy), mmap-like indexing,
     asarray() for NumPy.  close() is UnmapViewOfFile; it refuses while buffers
@@ -66,7 +85,7 @@ cdef class View:
 
     def __cinit__(self):
         self.addr = NULL
-        self.placeholder = NULL
+        self.placeholder = None
         self.arrays_prune_at = 8
 
     def __init__(self, *args, **kwargs):
@@ -143,6 +162,7 @@ cdef class View:
         cdef fmap_err e
         cdef int rc
         cdef char *addr = self.addr
+        cdef _Placeholder ph
         if addr == NULL:
             return
         if self.exports:
@@ -150,14 +170,28 @@ cdef class View:
                              f"cannot close view of mapping {describe(self.name)}: "
                              f"{self._holders()} still use it; release them first "
                              "(memoryview.release(), del the array)")
+        if self.busy:
+            raise make_error(BufferError, ERROR_ACCESS_DENIED,
+                             f"cannot close view of mapping {describe(self.name)}: a copy "
+                             "into it or a flush of it is under way in another thread")
         self.addr = NULL
         if self.exposed or self._lent():
             # Something saw the address (np.ndarray(buffer=...) holds no export,
             # ctypes may keep a pointer, an asarray() array outlived its
-            # memoryview's release()): leave zeros there until we are freed.
+            # memoryview's release()): leave zeros there until we are freed,
+            # and until each such memoryview is: it no longer holds us (a
+            # released memoryview lets go of its exporter) while its arrays
+            # still point here.
             rc = fmap_view_retire(addr, self.length_, &e)
             if rc == FMAP_OK:
-                self.placeholder = addr
+                ph = _Placeholder.__new__(_Placeholder)
+                ph.addr = addr
+                ph.length = self.length_
+                self.placeholder = ph
+                for t in self.arrays or ():
+                    mv = t[0]()
+                    if mv is not None:
+                        _weakref.finalize(mv, _keep, ph)
         else:
             rc = fmap_view_unmap(addr, self.length_, &e)
         if rc != FMAP_OK:
@@ -177,13 +211,11 @@ cdef class View:
                 self.close()
 
     def __dealloc__(self):
+        # (the placeholder goes with the last of its holders: see close)
         cdef fmap_err e
         if self.addr != NULL:
             fmap_view_unmap(self.addr, self.length_, &e)
             self.addr = NULL
-        if self.placeholder != NULL:
-            fmap_view_unmap(self.placeholder, self.length_, &e)
-            self.placeholder = NULL
 
     cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1:
         if offset > self.length_ or length > self.length_ - offset:
@@ -200,7 +232,6 @@ cdef class View:
         cdef fmap_err e
         cdef uint64_t off, ln, n
         cdef int rc, w = bool(wait)
-        self._check()
         try:
             off = _operator.index(offset)     # no floats: Cython would truncate them
             ln = _operator.index(length)
@@ -208,11 +239,17 @@ cdef class View:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"flush offset and length must be non-negative integers, "
                              f"not {offset!r}, {length!r}") from None
+        # Checked after the arguments: their __index__ may have closed us.
+        self._check()
         self._range(off, ln, "flush", &n)
         if not self.is_file or n == 0 or self.access_ == FMAP_A_COPY:
             return
-        with nogil:
-            rc = fmap_view_flush(self.addr + off, n, w, &e)
+        self.busy += 1          # another thread's close() waits for the msync
+        try:
+            with nogil:
+                rc = fmap_view_flush(self.addr + off, n, w, &e)
+        finally:
+            self.busy -= 1
         if rc != FMAP_OK:
             raise_err(&e, f"cannot flush view of mapping {describe(self.name)}")
 
@@ -294,12 +331,15 @@ cdef class View:
         return out
 
     # mmap-like indexing: view[i] is an int, view[a:b] bytes.
+    # The key and value are converted before the view is checked and its
+    # address used, with no Python code between: an __index__ may close it.
     def __getitem__(self, key):
         cdef Py_ssize_t i, start, stop, step
         self._check()
         if isinstance(key, slice):
             start, stop, step = slice_indices(key, self.length_)
             if step == 1:
+                self._check()
                 return PyBytes_FromStringAndSize(self.addr + start, stop - start if stop > start else 0)
             with memoryview(self) as mv:
                 return mv[key].tobytes()
@@ -313,6 +353,7 @@ cdef class View:
             i += self.length_
         if i < 0 or <size_t>i >= self.length_:
             raise IndexError("view index out of range")
+        self._check()
         return <unsigned char>self.addr[i]
 
     def __setitem__(self, key, value):
@@ -343,10 +384,15 @@ cdef class View:
                 if src.len != n:
                     raise IndexError(f"view slice assignment is wrong size: {src.len} bytes "
                                      f"into a slice of {n}")
+                self._check()
                 dst = self.addr + start
                 if <size_t>n > NOGIL_COPY:
-                    with nogil:
-                        memcpy(dst, src.buf, n)
+                    self.busy += 1      # another thread's close() waits for the copy
+                    try:
+                        with nogil:
+                            memcpy(dst, src.buf, n)
+                    finally:
+                        self.busy -= 1
                 else:
                     memcpy(dst, src.buf, n)
             finally:
@@ -369,6 +415,7 @@ cdef class View:
         if not 0 <= byte <= 255:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"a byte is an int in range(256), not {value!r}")
+        self._check()
         self.addr[i] = <char><int>byte
 
     def __reduce__(self):

@@ -741,6 +741,25 @@ def test_asarray_bad_arguments(closer, dtype, shape, exc):
     assert ch.recv(timeout=0) is not None           # still sent
 
 
+def test_asarray_of_a_message_its_dtype_ended(closer):
+    # Converting the dtype runs Python code; a message ended there once gave
+    # an array over no memory (NumPy allocated one: garbage).
+    np = pytest.importorskip("numpy")
+    ch = make(closer, message_size=64)
+    ch.send(b"x" * 64)
+    msg = ch.receive()
+
+    class EndsIt:
+        @property
+        def dtype(self):
+            msg.__exit__(None, None, None)
+            return np.dtype("uint8")
+    with raises(ValueError, winerror=ERROR_INVALID_HANDLE):
+        msg.asarray(EndsIt())
+    ch.send(b"y")                                   # the channel still works
+    assert ch.recv(timeout=1) == b"y"
+
+
 def test_reserve_discarded_on_exception(closer):
     ch = make(closer, capacity=2)
     with pytest.raises(KeyError):

@@ -315,3 +315,41 @@ def test_killed_inside_the_registry_lock_is_repaired(children, name, runtime_dir
     assert settled_counts() == baseline
     _registry_usable(names)
     assert settled_counts() == baseline
+
+
+def test_a_collection_inside_registry_list_does_not_reenter_the_lock(name, runtime_dir):
+    # registry_list() calls back into Python for each name with the registry
+    # locked.  A garbage collection there once finalized an unclosed handle
+    # (a cycle's), whose close took the lock again from the same thread: the
+    # lock took itself for a dead process's, "repaired" the registry and was
+    # released under the walk (found by helper 45, at a GC threshold of 11).
+    import gc
+    import warnings
+    reg_file = os.path.join(runtime_dir, "registry.v2")
+    keep = [fmap.create(f"{name}-{i}", size=1) for i in range(50)]
+
+    class Cycle:
+        pass
+    threshold = gc.get_threshold()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            for t in range(1, 40):
+                gc.collect()
+                gc.disable()
+                c = Cycle()
+                c.c = c
+                c.m = fmap.create(f"{name}-cycle", size=1)
+                del c
+                repairs = _header_fields(reg_file)[3]
+                gc.set_threshold(t)
+                gc.enable()
+                _fmap.registry_list()
+                gc.set_threshold(*threshold)
+                assert _header_fields(reg_file)[3] == repairs, f"re-entered at threshold {t}"
+                gc.collect()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable()
+        for m in keep:
+            m.close()

@@ -5,6 +5,7 @@ import pickle
 from contextlib import closing
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -176,6 +177,7 @@ def test_semaphore_bad_release_counts(name, closer):
         s.release(1 << 80)
     assert ei.value.winerror == ERROR_TOO_MANY_POSTS
     assert s.count == 0
+    assert s.release(np.int64(2)) == 0 and s.count == 2   # as create() takes them
 
 
 def test_semaphore_wakes_waiting_threads(name, closer):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fmap
+from children import run_python
 from conftest import raises
 
 ERROR_INVALID_PARAMETER = 87
@@ -456,6 +457,99 @@ def test_array_that_outlives_a_released_memoryview_reads_zeros(closer):
     assert not a.any()
     a[:4] = 1                                    # writes nowhere shared
     assert closer(m.map())[:4] == b"data"
+
+
+def test_an_array_outlives_its_released_memoryview_and_the_view(closer):
+    # The released memoryview no longer holds the View, which may then be
+    # freed while the array still points into it: the zeros stay until the
+    # array (and its memoryview) go, not until the View does.
+    m = closer(fmap.create(size=SIZE))
+    v = m.map()
+    a = v.asarray("uint8")
+    a.base.release()
+    v.close()
+    address = a.ctypes.data
+    del v
+    gc.collect()
+    assert _mapped_at(address, SIZE)             # checked before a touch would crash
+    assert not a.any()
+    del a
+    gc.collect()
+    assert not _mapped_at(address, SIZE)
+
+
+CLOSED_BY_AN_ARGUMENT = """
+import os, sys, tempfile, fmap
+
+class Closing:
+    # an argument whose conversion closes the object first
+    def __init__(self, obj, value):
+        self.obj, self.value = obj, value
+    def __index__(self):
+        self.obj.close()
+        return self.value
+
+def attempt(what, make, act):
+    obj = make()
+    try:
+        act(obj)
+    except ValueError as e:
+        print(what, e.winerror, flush=True)
+    else:
+        print(what, "no error", flush=True)
+
+m = fmap.create(size=1 << 16)
+view = lambda: m.map()
+attempt("get", view, lambda v: v[Closing(v, 3)])
+attempt("slice", view, lambda v: v[Closing(v, 0):8])
+attempt("set", view, lambda v: v.__setitem__(Closing(v, 3), 1))
+attempt("setvalue", view, lambda v: v.__setitem__(3, Closing(v, 1)))
+attempt("setslice", view, lambda v: v.__setitem__(slice(Closing(v, 0), 8), bytes(8)))
+attempt("map", lambda: fmap.create(size=1 << 16), lambda h: h.map(offset=Closing(h, 0)))
+path = os.path.join(tempfile.mkdtemp(), "f")
+f = fmap.create(file=path, size=1 << 16)
+attempt("flush", lambda: f.map(), lambda v: v.flush(Closing(v, 0)))
+"""
+
+
+def test_an_argument_that_closes_the_object_gets_a_clear_error():
+    # Each of these once used the address (NULL + offset) or the fd (-1)
+    # after the conversion closed it: SIGSEGV, or EBADF.
+    out = run_python(CLOSED_BY_AN_ARGUMENT)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split("\n")[:-1] == [
+        "get 487", "slice 487", "set 487", "setvalue 487", "setslice 487", "map 6", "flush 487"]
+
+
+CLOSE_DURING_A_COPY = """
+import threading, fmap
+N = 64 << 20
+m = fmap.create(size=N)
+data = bytes(N)
+refused = 0
+for _ in range(5):
+    v = m.map()
+    t = threading.Thread(target=lambda: v.__setitem__(slice(0, N), data))
+    t.start()
+    while t.is_alive():
+        try:
+            v.close()
+        except BufferError:
+            refused += 1            # the copy runs without the GIL: not under it
+        except ValueError:
+            pass
+    t.join()
+    v.close()
+print("refused", refused > 0)
+"""
+
+
+def test_close_in_another_thread_waits_for_a_copy_into_the_view():
+    # A copy of more than 1 MiB runs without the GIL; close() in another
+    # thread once unmapped the view under it (SIGSEGV).
+    out = run_python(CLOSE_DURING_A_COPY)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "refused True"
 
 
 @pytest.mark.parametrize("exposure", ["address", "memoryview", "ndarray(buffer=)"])

@@ -248,7 +248,7 @@ cdef class Mapping(Handle):
 
 cdef class View:
     cdef char *addr                # owned: the mapped range; NULL once closed
-    cdef char *placeholder         # owned: zero-filled stand-in left by close, unmapped at dealloc
+    cdef object placeholder        # the _Placeholder close left (zeros), or None
     cdef size_t length_            # bytes the view shows
     cdef readonly object offset
     cdef uint32_t access_
@@ -256,6 +256,7 @@ cdef class View:
     cdef bint exposed              # the address left our hands (buffer, address): close leaves a placeholder
     cdef bint lending              # asarray() is taking an export: tracked in arrays, not exposed
     cdef Py_ssize_t exports        # buffers handed out and not yet released
+    cdef Py_ssize_t busy           # our own GIL-free copies and flushes under way: close refuses
     cdef object name               # the mapping's name, for repr and messages
     cdef list arrays               # (weakref to the memoryview, dtype, shape) of asarray() arrays
     cdef Py_ssize_t arrays_prune_at  # len(arrays) at which dead entries are dropped
