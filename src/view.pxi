@@ -157,7 +157,8 @@ cdef class View:
         """Unmap the view (UnmapViewOfFile).  Idempotent.
 
         Raises BufferError while memoryviews or arrays made from the view are
-        alive: release them first (memoryview.release(), del the array).
+        alive: release them first (memoryview.release(), del the array); and
+        while another thread copies a large slice into it or flushes it.
         """
         cdef fmap_err e
         cdef int rc
