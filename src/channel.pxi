@@ -146,14 +146,18 @@ cdef class Message:
     cdef int _check(self) except -1:
         if self.addr == NULL or self.finishing:
             raise make_error(ValueError, ERROR_INVALID_HANDLE,
-                             f"the message of channel {describe(self.cm.name)} is no longer "
+                             f"the message of channel {self._channel()} is no longer "
                              "in hand (its with block ended)")
         if self.pid != fmap_getpid():
             raise make_error(ValueError, ERROR_INVALID_HANDLE, self._not_ours())
         return 0
 
+    cdef str _channel(self):
+        # (no channel: a Message made by Message.__new__, never in hand)
+        return describe(self.cm.name if self.cm is not None else None)
+
     cdef str _not_ours(self):
-        return (f"the message of channel {describe(self.cm.name)} is process {self.pid}'s "
+        return (f"the message of channel {self._channel()} is process {self.pid}'s "
                 "(it was " + ("reserved" if self.writing else "received") + " before a fork); "
                 "only that process may use it or end it")
 
@@ -303,7 +307,7 @@ cdef class Message:
     def __repr__(self):
         state = "in hand" if self.addr != NULL and not self.finishing else "done"
         kind = "reserved" if self.reserved else "received"
-        return f"<fmap.Message {kind} {self.length_} bytes of channel {describe(self.cm.name)} {state}>"
+        return f"<fmap.Message {kind} {self.length_} bytes of channel {self._channel()} {state}>"
 
     def __reduce__(self):
         raise TypeError("a Message cannot be pickled or copied: it is a slot lent to this "
@@ -335,6 +339,11 @@ cdef class _Lent:
     cdef Message msg
 
     def __getbuffer__(self, Py_buffer *buf, int flags):
+        # Not in a forked child, whose copy of the message is not its own
+        # (once it leaves the with block, its address is NULL): the arrays
+        # it inherited still point at the slot, new buffers do not.
+        if self.msg is None or self.msg.addr == NULL or self.msg.pid != fmap_getpid():
+            raise BufferError("the message is not in hand in this process")
         PyBuffer_FillInfo(buf, self, self.msg.addr, self.msg.length_,
                           not self.msg.writable, flags)
 
@@ -534,7 +543,10 @@ cdef class Channel(Handle):
         cdef const char *src
         cdef bint have_view
         cdef ChanMap cm = self._map()
-        items = messages if type(messages) is list or type(messages) is tuple else list(messages)
+        # A tuple of our own: items are read unchecked by index across the
+        # waits for slots, while another thread (or a timeout's __float__)
+        # may change the caller's list.
+        items = messages if type(messages) is tuple else tuple(messages)
         total = len(items)
         if total == 0:
             # Nothing to send, but the same answers as a send: WriteFile of
@@ -698,35 +710,48 @@ cdef class Channel(Handle):
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot send an array of dtype {dt}: send_array takes plain "
                              "numeric, bool, bytes, str and datetime dtypes of non-empty items")
-        ndim = arr.ndim
+        # What goes out is fixed here, before the wait for a slot: the shape
+        # (a tuple of its own), and for a contiguous array its buffer, held.
+        # Another thread may reshape or retype the array in place meanwhile
+        # (a.shape = ..., a.dtype = ...), or a timeout's __float__ may.
+        shape = arr.shape
+        ndim = len(shape)
         if ndim > ARRAY_MAX_DIMS or len(code) > 24:
             raise make_error(ValueError, ERROR_INVALID_PARAMETER,
                              f"cannot send an array of {ndim} dimensions and dtype {dt}")
         meta = array_meta_size(ndim)          # fits the slot's FMAP_CHAN_ROOM
-        nbytes = arr.nbytes
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * dt.itemsize
         if nbytes > self.message_size:
             self._too_big(nbytes, "an array")
-        self._claim(cm, True, 1, timeout, &pos)
-        dst = fmap_chan_payload(&cm.m, pos)
+        contiguous = arr.flags.c_contiguous
+        if contiguous:
+            PyObject_GetBuffer(arr, &view, PyBUF_ANY_CONTIGUOUS)
         try:
-            (<uint32_t *>dst)[0] = ndim
-            (<uint32_t *>dst)[1] = len(code)
-            memcpy(dst + 8, <char *>code, len(code))
-            shape = arr.shape
-            for i in range(ndim):
-                (<uint64_t *>(dst + ARRAY_META))[i] = shape[i]
-            if arr.flags.c_contiguous:
-                PyObject_GetBuffer(arr, &view, PyBUF_ANY_CONTIGUOUS)
-                try:
+            if contiguous and <size_t>view.len != nbytes:
+                raise make_error(ValueError, ERROR_INVALID_PARAMETER,
+                                 "cannot send the array: its shape or dtype changed as it was sent")
+            self._claim(cm, True, 1, timeout, &pos)
+            dst = fmap_chan_payload(&cm.m, pos)
+            try:
+                (<uint32_t *>dst)[0] = ndim
+                (<uint32_t *>dst)[1] = len(code)
+                memcpy(dst + 8, <char *>code, len(code))
+                for i in range(ndim):
+                    (<uint64_t *>(dst + ARRAY_META))[i] = shape[i]
+                if contiguous:
                     copy_in(cm, dst + meta, view.buf, nbytes)
-                finally:
-                    PyBuffer_Release(&view)
-            else:
-                np.copyto(np.asarray(_SlotBytes.wrap(dst + meta, nbytes)).view(dt)
-                          .reshape(arr.shape), arr, casting="no")
-        except BaseException:
-            fmap_chan_discard(&cm.m, pos)
-            raise
+                else:
+                    np.copyto(np.asarray(_SlotBytes.wrap(dst + meta, nbytes)).view(dt)
+                              .reshape(shape), arr, casting="no")
+            except BaseException:
+                fmap_chan_discard(&cm.m, pos)
+                raise
+        finally:
+            if contiguous:
+                PyBuffer_Release(&view)
         fmap_chan_commit(&cm.m, pos, meta + nbytes, KIND_ARRAY)
         fmap_chan_wake_consumers(&cm.m, 1)
 

@@ -27,7 +27,8 @@ ERROR_GEN_FAILURE = 31
 ERROR_NOT_OWNER = 288
 ERROR_TOO_MANY_POSTS = 298
 
-_TYPE_NAMES = {FMAP_T_MAPPING: "mapping", FMAP_T_MUTEX: "mutex",
+# (0: a handle made by __new__, never opened: "handle is closed" all the same)
+_TYPE_NAMES = {0: "handle", FMAP_T_MAPPING: "mapping", FMAP_T_MUTEX: "mutex",
                FMAP_T_SEMAPHORE: "semaphore", FMAP_T_EVENT: "event",
                FMAP_T_CHANNEL: "channel"}
 

@@ -6,7 +6,8 @@ ALLOCATION_GRANULARITY = 65536   # Windows' value, on every OS: portable offsets
 PAGE_SIZE = fmap_page_size()
 
 ACCESS = {"r": FMAP_A_READ, "rw": FMAP_A_WRITE, "c": FMAP_A_COPY}
-ACCESS_NAMES = {FMAP_A_READ: "r", FMAP_A_WRITE: "rw", FMAP_A_COPY: "c"}
+# (0: a Mapping made by __new__, never opened)
+ACCESS_NAMES = {0: "none", FMAP_A_READ: "r", FMAP_A_WRITE: "rw", FMAP_A_COPY: "c"}
 
 # Set by the Python shim: the argument-checking create/open behind the
 # Mapping.create / Mapping.open class methods.

@@ -17,7 +17,7 @@ import pytest
 
 import fmap
 from conftest import raises
-from children import Background, poll, wait_pid
+from children import Background, poll, run_python, wait_pid
 
 ERROR_FILE_NOT_FOUND = 2
 ERROR_INVALID_HANDLE = 6
@@ -2009,3 +2009,91 @@ def test_a_forked_child_cannot_use_or_send_the_parents_reservation(closer):
     for i in range(3):                       # and the ring goes on
         ch.send(b"%d" % i, timeout=0)
         assert ch.recv(timeout=0) == b"%d" % i
+
+
+# ---- arguments that change under a call (helper 44's crash hunt)
+
+CHANGED_UNDER_A_CALL = """
+import os, numpy as np, fmap
+
+ch = fmap.Channel.create(None, capacity=64, message_size=4096)
+
+class Hook(float):
+    # a timeout whose conversion runs code: what another thread could do
+    # while a send waits for a slot
+    def __new__(cls, act):
+        self = super().__new__(cls, 5.0)
+        self.act = act
+        return self
+    def __float__(self):
+        self.act()
+        return 5.0
+
+msgs = [b"a", b"b", b"c", b"d"]
+print("send_many", ch.send_many(msgs, timeout=Hook(msgs.clear)), flush=True)
+print("got", ch.recv_many(10), flush=True)
+
+arr = np.arange(16, dtype=np.int64).reshape(4, 4)
+def flatten():
+    arr.shape = (16,)
+ch.send_array(arr, timeout=Hook(flatten))
+got = ch.recv_array()
+print("array", got.shape, bool((got.ravel() == np.arange(16)).all()), flush=True)
+del got
+
+m = fmap.Message.__new__(fmap.Message)
+for act in (repr, bytes):
+    try:
+        act(m)
+        print("bare", act.__name__, "ok", flush=True)
+    except ValueError as e:
+        print("bare", act.__name__, e.winerror, flush=True)
+
+ch.send(b"hello")
+with ch.receive() as msg:
+    a = msg.asarray()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            memoryview(a.base)
+            print("child buffer", flush=True)
+        except BufferError:
+            print("child BufferError", flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    del a
+"""
+
+
+def test_what_changes_under_a_call_does_not_crash_it():
+    # Each of these read freed or out-of-bounds memory (SIGSEGV, or garbage
+    # taken for objects): send_many indexed the caller's list by the length
+    # it had at the start; send_array took the array's ndim before the wait
+    # and its shape after; a Message made by Message.__new__ read its
+    # channel's name through None; a forked child's buffer of an inherited
+    # message array was over NULL.
+    out = run_python(CHANGED_UNDER_A_CALL)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split("\n")[:-1] == [
+        "send_many 4", "got [b'a', b'b', b'c', b'd']",
+        "array (4, 4) True",
+        "bare repr ok", "bare bytes 6",
+        "child BufferError"]
+
+
+def test_objects_made_by_new_alone_give_clear_errors(closer):
+    # __init__ refuses, __new__ cannot: what it makes is closed, not broken.
+    for cls in (fmap.Channel, fmap.Mapping, fmap.Event, fmap.Mutex, fmap.Semaphore):
+        h = cls.__new__(cls)
+        assert "closed" in repr(h)
+        with raises(ValueError, winerror=ERROR_INVALID_HANDLE):
+            h.__enter__()
+        h.close()
+    with raises(ValueError, winerror=ERROR_INVALID_HANDLE):
+        len(fmap.Channel.__new__(fmap.Channel))
+    ch = make(closer)
+    ch.send(b"x")
+    with ch.receive() as msg:
+        lent = type(msg.asarray().base)
+    with pytest.raises(BufferError):
+        memoryview(lent())

@@ -315,6 +315,7 @@ cdef class Message:
     cdef Py_ssize_t exports        # buffers handed out and not yet released
 
     cdef int _check(self) except -1
+    cdef str _channel(self)
     cdef str _not_ours(self)
     cdef void _give_back(self) noexcept
     cdef void _discard(self) noexcept
