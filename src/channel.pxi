@@ -5,6 +5,7 @@
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS,
                              PyBUF_FULL_RO, PyBuffer_IsContiguous, PyBuffer_ToContiguous)
+from cpython.object cimport Py_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_FromObject
 from libc.string cimport memcpy
@@ -535,7 +536,8 @@ cdef class Channel(Handle):
         wait for free slots (TimeoutError when one passes).  An exception
         raised once sending began (a timeout, a message too big or not
         bytes-like, Ctrl-C, the end of the stream) carries `sent`: the
-        messages before it went, in order; none after it did."""
+        messages before it went, in order; none after it did.  A list that
+        shrinks while it is sent (another thread) raises RuntimeError."""
         cdef Py_buffer view
         cdef uint64_t pos
         cdef uint32_t got, i
@@ -543,10 +545,7 @@ cdef class Channel(Handle):
         cdef const char *src
         cdef bint have_view
         cdef ChanMap cm = self._map()
-        # A tuple of our own: items are read unchecked by index across the
-        # waits for slots, while another thread (or a timeout's __float__)
-        # may change the caller's list.
-        items = messages if type(messages) is tuple else tuple(messages)
+        items = messages if type(messages) is list or type(messages) is tuple else list(messages)
         total = len(items)
         if total == 0:
             # Nothing to send, but the same answers as a send: WriteFile of
@@ -562,6 +561,14 @@ cdef class Channel(Handle):
                 i = 0
                 try:
                     while i < got:
+                        # The caller's list may shrink under us (another
+                        # thread while we waited for slots, a timeout's
+                        # __float__, a __buffer__): indexed unchecked, so
+                        # checked here (a copy of the list would cost more).
+                        if sent + i >= Py_SIZE(items):
+                            raise make_error(RuntimeError, ERROR_INVALID_PARAMETER,
+                                             f"the list of messages changed size during "
+                                             f"send_many: {sent + i} sent of {total}")
                         item = items[sent + i]
                         have_view = False
                         if type(item) is bytes:

@@ -2030,7 +2030,12 @@ class Hook(float):
         return 5.0
 
 msgs = [b"a", b"b", b"c", b"d"]
-print("send_many", ch.send_many(msgs, timeout=Hook(msgs.clear)), flush=True)
+try:
+    ch.send_many(msgs, timeout=Hook(msgs.clear))
+except RuntimeError as e:
+    print("send_many RuntimeError", e.sent, flush=True)
+msgs = [b"a", b"b", b"c", b"d"]
+print("send_many", ch.send_many(msgs, timeout=Hook(lambda: msgs.append(b"e"))), flush=True)
 print("got", ch.recv_many(10), flush=True)
 
 arr = np.arange(16, dtype=np.int64).reshape(4, 4)
@@ -2075,7 +2080,7 @@ def test_what_changes_under_a_call_does_not_crash_it():
     out = run_python(CHANGED_UNDER_A_CALL)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().split("\n")[:-1] == [
-        "send_many 4", "got [b'a', b'b', b'c', b'd']",
+        "send_many RuntimeError 0", "send_many 4", "got [b'a', b'b', b'c', b'd']",
         "array (4, 4) True",
         "bare repr ok", "bare bytes 6",
         "child BufferError"]
