@@ -132,6 +132,15 @@ cdef class View:
     def __len__(self):
         return self.length_
 
+    cdef void _busy(self, int by) noexcept:
+        # Counted per process: a fork() taken during a copy leaves the
+        # child a count that no thread of its own will ever lower.
+        cdef int pid = fmap_getpid()
+        if self.busy_pid != pid:
+            self.busy_pid = pid
+            self.busy = 0
+        self.busy += by
+
     cdef bint _lent(self):
         """Is the memoryview of an asarray() array still alive?"""
         if self.arrays is not None:
@@ -171,7 +180,7 @@ cdef class View:
                              f"cannot close view of mapping {describe(self.name)}: "
                              f"{self._holders()} still use it; release them first "
                              "(memoryview.release(), del the array)")
-        if self.busy:
+        if self.busy and self.busy_pid == fmap_getpid():
             raise make_error(BufferError, ERROR_ACCESS_DENIED,
                              f"cannot close view of mapping {describe(self.name)}: a copy "
                              "into it or a flush of it is under way in another thread")
@@ -192,7 +201,9 @@ cdef class View:
                 for t in self.arrays or ():
                     mv = t[0]()
                     if mv is not None:
-                        _weakref.finalize(mv, _keep, ph)
+                        # not at exit: the arrays may be read by then (a
+                        # __del__, a daemon thread); the process takes it
+                        _weakref.finalize(mv, _keep, ph).atexit = False
         else:
             rc = fmap_view_unmap(addr, self.length_, &e)
         if rc != FMAP_OK:
@@ -245,12 +256,12 @@ cdef class View:
         self._range(off, ln, "flush", &n)
         if not self.is_file or n == 0 or self.access_ == FMAP_A_COPY:
             return
-        self.busy += 1          # another thread's close() waits for the msync
+        self._busy(1)           # another thread's close() waits for the msync
         try:
             with nogil:
                 rc = fmap_view_flush(self.addr + off, n, w, &e)
         finally:
-            self.busy -= 1
+            self._busy(-1)
         if rc != FMAP_OK:
             raise_err(&e, f"cannot flush view of mapping {describe(self.name)}")
 
@@ -388,12 +399,12 @@ cdef class View:
                 self._check()
                 dst = self.addr + start
                 if <size_t>n > NOGIL_COPY:
-                    self.busy += 1      # another thread's close() waits for the copy
+                    self._busy(1)       # another thread's close() waits for the copy
                     try:
                         with nogil:
                             memcpy(dst, src.buf, n)
                     finally:
-                        self.busy -= 1
+                        self._busy(-1)
                 else:
                     memcpy(dst, src.buf, n)
             finally:

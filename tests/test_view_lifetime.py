@@ -478,6 +478,66 @@ def test_an_array_outlives_its_released_memoryview_and_the_view(closer):
     assert not _mapped_at(address, SIZE)
 
 
+ARRAY_READ_AT_EXIT = """
+import fmap
+m = fmap.create(size=4096)
+v = m.map()
+a = v.asarray()
+a[:] = 7
+a.base.release()
+v.close()
+del v
+assert a.sum() == 0                 # (NumPy imports what sum() needs now, not at exit)
+
+class Holder:
+    def __del__(self):      # runs at exit, after atexit hooks
+        print("at exit", int(self.arr.sum()), flush=True)
+
+h = Holder()
+h.arr = a
+del a
+"""
+
+
+def test_the_zeros_stay_for_an_array_read_at_exit():
+    # weakref.finalize's own atexit hook once let the zeros go while such an
+    # array could still be read (a __del__ at teardown): SIGSEGV.
+    out = run_python(ARRAY_READ_AT_EXIT)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode() == "at exit 0\n"
+
+
+FORK_DURING_A_COPY = """
+import os, threading, time, fmap
+N = 256 << 20
+m = fmap.create(size=N)
+v = m.map()
+data = bytes(N)
+t = threading.Thread(target=lambda: v.__setitem__(slice(0, N), data))
+t.start()
+time.sleep(0.002)                   # the copy runs (about 20-60 ms)
+pid = os.fork()
+if pid == 0:
+    try:
+        v.close()
+        os._exit(0)
+    except BufferError:
+        os._exit(3)
+t.join()
+_, status = os.waitpid(pid, 0)
+v.close()
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_during_a_copy_can_close_the_view():
+    # The copy's busy count came along into the child, where no thread would
+    # ever lower it: close() refused there for good.
+    out = run_python(FORK_DURING_A_COPY)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "child 0"
+
+
 CLOSED_BY_AN_ARGUMENT = """
 import os, sys, tempfile, fmap
 

@@ -111,7 +111,7 @@ def test_execute_protections_allow_their_plain_views(name, close_all, protect, a
     (w.SEC_COMMIT | w.SEC_NOCACHE, True), (w.SEC_RESERVE | w.SEC_WRITECOMBINE, True),
     (w.SEC_RESERVE | w.SEC_COMMIT, False), (w.SEC_NOCACHE, False), (w.SEC_WRITECOMBINE, False),
     (w.SEC_LARGE_PAGES, False), (w.SEC_RESERVE | w.SEC_LARGE_PAGES, False),
-    (w.SEC_COMMIT | w.SEC_NOCACHE | w.SEC_WRITECOMBINE, False)])
+    (w.SEC_COMMIT | w.SEC_NOCACHE | w.SEC_WRITECOMBINE, True)])
 def test_section_flags(name, close_all, flags, ok):
     # virtual.c, test_CreateFileMapping's sec_flag_tests (anonymous mappings)
     h = w.CreateFileMapping(PAGING, None, w.PAGE_READWRITE | flags, 0, 4096, name)

@@ -257,6 +257,7 @@ cdef class View:
     cdef bint lending              # asarray() is taking an export: tracked in arrays, not exposed
     cdef Py_ssize_t exports        # buffers handed out and not yet released
     cdef Py_ssize_t busy           # our own GIL-free copies and flushes under way: close refuses
+    cdef int busy_pid              # the process busy counts for (a forked child's starts at 0)
     cdef object name               # the mapping's name, for repr and messages
     cdef list arrays               # (weakref to the memoryview, dtype, shape) of asarray() arrays
     cdef Py_ssize_t arrays_prune_at  # len(arrays) at which dead entries are dropped
@@ -264,6 +265,7 @@ cdef class View:
 
     cdef int _check(self) except -1
     cdef int _range(self, uint64_t offset, uint64_t length, str what, uint64_t *out_len) except -1
+    cdef void _busy(self, int by) noexcept
     cdef bint _lent(self)
 
 

@@ -119,10 +119,11 @@ def _map_access(desired: int) -> Optional[str]:
 def _sec_flags_ok(flags: int) -> bool:
     """SEC_* flags as CreateFileMapping takes them: at most one of SEC_COMMIT
     and SEC_RESERVE, and SEC_NOCACHE or SEC_WRITECOMBINE only beside one of
-    them (Wine's kernel32/tests/virtual.c, test_CreateFileMapping)."""
+    them (Wine's kernel32/tests/virtual.c, test_CreateFileMapping, and its
+    server's get_mapping_flags)."""
     base = flags & (SEC_COMMIT | SEC_RESERVE)
     extra = flags & (SEC_NOCACHE | SEC_WRITECOMBINE)
-    if base == SEC_COMMIT | SEC_RESERVE or extra == SEC_NOCACHE | SEC_WRITECOMBINE:
+    if base == SEC_COMMIT | SEC_RESERVE:
         return False
     return not extra or bool(base)
 
