@@ -104,6 +104,10 @@ def create(name: str | None = None, size: int | None = None, *, file: Any = None
     touching is a likely choice); with vm.overcommit_memory=2 the touching
     process gets SIGBUS.  fmap cannot turn that into an exception.  The size
     of /dev/shm is no limit here: the memory is a memfd, not a file there.
+
+    A file is only as safe as its writers: another process that truncates it
+    makes a touch of a view past the new end SIGBUS, as with mmap (Windows
+    refuses that truncation; Linux cannot).
     """
     prot = _access(protect, "protect")
     size = _size(size, required=file is None)
