@@ -594,6 +594,15 @@ static int slot_leave(struct sync_page *s, fmap_waiter *w, int keep)
     return 1;
 }
 
+/* This page's turn at something done once per `every` by any process
+   (*last: when it was last done): 1 for the one caller that takes it. */
+static int page_turn(uint64_t *last, uint64_t now, uint64_t every)
+{
+    uint64_t was = load64(last);
+    return now - was >= every &&
+           __atomic_compare_exchange_n(last, &was, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
 /* Pass on releases left in the slots of waiters that died after a set()
    released them: how many.  Loads only, unless a release is EV_STALE_NS old
    (or its stamp unwritten: its setter may have died) and so its waiter is
@@ -616,10 +625,7 @@ static int slot_reap_stale(struct sync_page *s)
            its /proc entry is read once per EV_STALE_NS per page, not at
            every try of every waiter. */
         if (!asking) {
-            uint64_t last = load64(&s->ev.asked_at);
-            if (now - last < EV_STALE_NS ||
-                !__atomic_compare_exchange_n(&s->ev.asked_at, &last, now, 0, __ATOMIC_SEQ_CST,
-                                             __ATOMIC_SEQ_CST))
+            if (!page_turn(&s->ev.asked_at, now, EV_STALE_NS))
                 return passed;
             asking = 1;
         }
@@ -637,10 +643,7 @@ static int slot_reap_stale(struct sync_page *s)
    kill and a /proc read. */
 static int slot_reap_full(struct sync_page *s)
 {
-    uint64_t now = fmap_clock_ns(), last = load64(&s->ev.reaped_at);
-    if (now - last < EV_REAP_NS ||
-        !__atomic_compare_exchange_n(&s->ev.reaped_at, &last, now, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_SEQ_CST))
+    if (!page_turn(&s->ev.reaped_at, fmap_clock_ns(), EV_REAP_NS))
         return 0;
     int freed = 0;
     for (int i = 0; i < EV_SLOTS; i++) {
